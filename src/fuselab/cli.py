@@ -1,0 +1,56 @@
+"""The one command line: ``fuselab <command>``.
+
+Each stage contributes its sub-commands through an ``add_parser(subparsers)`` function in its own
+``commands`` module; those modules import heavy libraries (torch, transformers) only inside the handlers,
+so ``fuselab --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from fuselab import __version__
+from fuselab.utils.errors import FuselabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fuselab.merge import commands as merge_commands
+    from fuselab.modeling import commands as modeling_commands
+
+    parser = argparse.ArgumentParser(
+        prog="fuselab",
+        description="Fuse several LLMs into one: knowledge fusion, parameter merging, WRPO and block pruning.",
+    )
+    parser.add_argument("--version", action="version", version=f"fuselab {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    modeling_commands.add_parsers(sub)
+    merge_commands.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    try:
+        return int(args.handler(args) or 0)
+    except FuselabError as err:
+        if os.environ.get("FUSELAB_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing that looks finished was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""Test-wide settings: offline, deterministic and quiet.
+
+Tests that need a fuselab cache point FUSELAB_CACHE at a temporary folder themselves; the slow tests use
+the user's cache on purpose, so that the real models are fetched and converted once per machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("FUSELAB_PROGRESS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
