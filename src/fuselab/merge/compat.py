@@ -1,0 +1,165 @@
+"""Checks that the inputs of a parameter-space merge can be merged, done before any tensor is read.
+
+Every input must have the reference's architecture, structure, tensor names and shapes. The first
+difference is reported with the fix, because a late failure (or, worse, a silent broadcast) after minutes of
+streaming is what users of merge tools complain about most.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from fuselab.modeling.checkpoint import Checkpoint
+from fuselab.utils.errors import IncompatibleModelsError
+
+log = logging.getLogger(__name__)
+
+# Config keys that fix the shapes and meaning of the tensors.
+STRUCTURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "n_routed_experts",
+)
+
+# Fallback (output embedding, input embedding) names when the model class is not importable.
+_COMMON_TIES = (
+    ("lm_head.weight", "model.embed_tokens.weight"),
+    ("lm_head.weight", "transformer.wte.weight"),
+    ("embed_out.weight", "gpt_neox.embed_in.weight"),
+    ("lm_head.weight", "model.language_model.embed_tokens.weight"),
+)
+
+
+def tied_pairs(ckpt: Checkpoint) -> list[tuple[str, str]]:
+    """(output-embedding name, input-embedding name) pairs that the model ties when configured to.
+
+    The usual names are recognised directly; otherwise the transformers class named in the config is asked
+    (``_tied_weights_keys``). Importing model classes costs ~100 MB of memory, so it is the fallback.
+    """
+    known = [(o, i) for o, i in _COMMON_TIES if i in ckpt.tensors]
+    if known:
+        return known
+    try:
+        import transformers
+
+        cls = getattr(transformers, ckpt.architecture, None)
+        keys = getattr(cls, "_tied_weights_keys", None)
+        if isinstance(keys, dict) and keys:
+            return [(k, v) for k, v in keys.items()]
+    except Exception:  # an exotic class that fails to import is no reason to stop
+        pass
+    return []
+
+
+def tensor_source(ckpt: Checkpoint, name: str, pairs: Sequence[tuple[str, str]]) -> str | None:
+    """The tensor in ``ckpt`` that holds ``name``: itself, or the input embedding a tied head shares."""
+    if name in ckpt.tensors:
+        return name
+    if ckpt.tie_word_embeddings:
+        for out_name, in_name in pairs:
+            if name == out_name and in_name in ckpt.tensors:
+                return in_name
+    return None
+
+
+def _check_config(reference: Checkpoint, ckpt: Checkpoint, ref_label: str, label: str) -> None:
+    if ckpt.architecture != reference.architecture:
+        raise IncompatibleModelsError(
+            f"{label} is a {ckpt.architecture} but {ref_label} is a {reference.architecture}; "
+            "parameter-space merging needs one architecture. Merge only models fine-tuned from the same "
+            "base, or combine different architectures with knowledge fusion (`fuselab fusion`)"
+        )
+    ref_cfg, cfg = reference.text_config(), ckpt.text_config()
+    for key in STRUCTURE_KEYS:
+        a, b = ref_cfg.get(key), cfg.get(key)
+        if a != b:
+            extra = ""
+            if key == "vocab_size":
+                extra = (
+                    " (the models have different vocabularies; parameter merging needs the same vocabulary: "
+                    "merge models that share one tokenizer, or use `fuselab fusion`, which aligns different "
+                    "vocabularies)"
+                )
+            raise IncompatibleModelsError(
+                f"config `{key}` differs: {b} in {label} but {a} in {ref_label}{extra}"
+            )
+
+
+def _sources(ckpt: Checkpoint, label: str, ref_label: str, names: Sequence[str], pairs) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for name in names:
+        src = tensor_source(ckpt, name, pairs)
+        if src is None:
+            raise IncompatibleModelsError(
+                f"{label} has no tensor `{name}`, which {ref_label} has; the checkpoints do not have the same "
+                "layout (different architecture variant or a partial checkpoint)"
+            )
+        mapping[name] = src
+    return mapping
+
+
+def check_mergeable(
+    reference: Checkpoint, others: Sequence[Checkpoint], labels: dict[int, str], output_names: Sequence[str]
+) -> dict[int, dict[str, str]]:
+    """Validate ``others`` against ``reference``; return, per checkpoint (by ``id``), output name -> stored name.
+
+    ``labels`` maps ``id(checkpoint)`` to how the user named it, for the messages.
+    """
+    ref_label = labels.get(id(reference), str(reference.path))
+    pairs = tied_pairs(reference)
+    tied_heads = {o for o, _ in pairs}
+    ref_map = _sources(reference, ref_label, ref_label, output_names, pairs)
+    sources = {id(reference): ref_map}
+    for ckpt in others:
+        if id(ckpt) in sources:
+            continue
+        label = labels.get(id(ckpt), str(ckpt.path))
+        _check_config(reference, ckpt, ref_label, label)
+        mapping = _sources(ckpt, label, ref_label, output_names, pairs)
+        used = set(mapping.values())
+        extra_names = [n for n in ckpt.tensors if n not in used and n not in tied_heads]
+        if extra_names:
+            raise IncompatibleModelsError(
+                f"{label} has tensor `{extra_names[0]}`, which {ref_label} lacks; the checkpoints do not have "
+                "the same layout"
+            )
+        for name in output_names:
+            a = reference.tensors[ref_map[name]]
+            b = ckpt.tensors[mapping[name]]
+            if a.shape != b.shape:
+                raise IncompatibleModelsError(
+                    f"tensor `{name}` has shape {list(b.shape)} in {label} but {list(a.shape)} in {ref_label}"
+                    + _shape_hint(a.shape, b.shape, reference.text_config().get("vocab_size"))
+                )
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                raise IncompatibleModelsError(
+                    f"tensor `{name}` is {b.dtype} in {label} but {a.dtype} in {ref_label}"
+                )
+        for head in tied_heads & set(ckpt.tensors) - used:
+            log.warning(
+                "%s stores `%s` separately, but %s ties it to the input embedding; the output follows %s, so this "
+                "tensor is not merged",
+                label,
+                head,
+                ref_label,
+                ref_label,
+            )
+        sources[id(ckpt)] = mapping
+    return sources
+
+
+def _shape_hint(a: tuple[int, ...], b: tuple[int, ...], vocab: int | None) -> str:
+    if len(a) == len(b) and a and a[0] != b[0] and vocab in (a[0], b[0]):
+        return (
+            f" (vocabulary sizes differ: {b[0]} vs {a[0]} rows in the embedding; parameter merging needs the same "
+            "vocabulary, use `fuselab fusion` for models with different tokenizers)"
+        )
+    return ""

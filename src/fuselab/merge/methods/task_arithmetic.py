@@ -1,0 +1,34 @@
+"""Task arithmetic (Ilharco et al. 2023, arXiv 2212.04089).
+
+δ* = λ · Σ_k w_k δ_k (divided by Σ_k w_k when ``normalize``); W = W_base + δ*.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fuselab.merge.registry import Param, register_merge_method
+
+SCALE = Param("lambda", float, default=1.0, help="scale of the merged task vector")
+WEIGHT = Param("weight", float, per_model=True, help="coefficient of each task vector")
+
+
+@register_merge_method(
+    "task_arithmetic",
+    inputs="deltas",
+    params=(WEIGHT, Param("normalize", bool, default=False, help="divide by the sum of weights"), SCALE),
+    reference="https://arxiv.org/abs/2212.04089",
+    summary="base + λ·Σ w_k·(W_k − base)",
+)
+def task_arithmetic(
+    deltas: list[torch.Tensor], *, weight: list[float], normalize: bool = False, lambda_: float = 1.0
+) -> torch.Tensor:
+    out = torch.zeros_like(deltas[0])
+    for d, w in zip(deltas, weight):
+        out.add_(d, alpha=w)
+    if normalize:
+        total = sum(weight)
+        out.div_(total if abs(total) >= 1e-8 else 1.0)
+    if lambda_ != 1.0:
+        out.mul_(lambda_)
+    return out
