@@ -1,6 +1,6 @@
 """Test-wide settings: offline, deterministic and quiet.
 
-Tests that need a fuselab cache point FUSELAB_CACHE at a temporary folder themselves; the slow tests use
+Tests that touch the fuselab cache use the ``cache`` fixture (a private FUSELAB_CACHE); the slow tests use
 the user's cache on purpose, so that the real models are fetched and converted once per machine.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +28,11 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private, empty fuselab cache (FUSELAB_CACHE) for this test."""
+    root = tmp_path / "fuselab-cache"
+    monkeypatch.setenv("FUSELAB_CACHE", str(root))
+    return root

@@ -28,13 +28,6 @@ from helpers.gguf import fake_wheel, tiny_catalog_entry
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FUSELAB_CACHE", str(root))
-    return root
-
-
-@pytest.fixture
 def no_pip(monkeypatch):
     """Fail loudly if anything tries to download."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,11 +15,7 @@ from helpers.models import random_model, save_model, tiny_llama_config
 SMOL = "smollm2-135m-instruct"
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FUSELAB_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache")  # a private FUSELAB_CACHE (conftest.py)
 
 
 @pytest.fixture

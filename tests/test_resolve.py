@@ -16,11 +16,7 @@ from fuselab.utils.errors import ModelNotFoundError
 SMOL = "smollm2-135m-instruct"
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "fuselab-cache"
-    monkeypatch.setenv("FUSELAB_CACHE", str(root))
-    return root
+pytestmark = pytest.mark.usefixtures("cache")  # a private FUSELAB_CACHE (conftest.py)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fuselab.merge.methods.masks import bernoulli_mask, weighted_consensus_mean
-from fuselab.merge.methods.task_arithmetic import SCALE, WEIGHT
+from fuselab.merge.methods.task_arithmetic import SCALE, WEIGHT, weighted_sum
 from fuselab.merge.methods.ties import CONSENSUS, DENSITY, INT8_MASK
 from fuselab.merge.registry import Param, register_merge_method
 
@@ -46,15 +46,7 @@ def dare_linear(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     keep, scales = drop_masks(deltas, density, rescale, generator)
-    out = torch.zeros_like(deltas[0])
-    for d, m, w, s in zip(deltas, keep, weight, scales):
-        out.add_(d if m is None else torch.where(m, d, 0.0), alpha=w * s)
-    if normalize:
-        total = sum(weight)
-        out.div_(total if abs(total) >= 1e-8 else 1.0)
-    if lambda_ != 1.0:
-        out.mul_(lambda_)
-    return out
+    return weighted_sum(deltas, weight, normalize, lambda_, keep, scales)
 
 
 @register_merge_method(

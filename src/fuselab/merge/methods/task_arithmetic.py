@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from fuselab.merge.registry import Param, register_merge_method
@@ -23,11 +25,24 @@ WEIGHT = Param("weight", float, per_model=True, help="coefficient of each task v
 def task_arithmetic(
     deltas: list[torch.Tensor], *, weight: list[float], normalize: bool = False, lambda_: float = 1.0
 ) -> torch.Tensor:
+    return weighted_sum(deltas, weight, normalize, lambda_)
+
+
+def weighted_sum(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize: bool,
+    lambda_: float,
+    keep: Sequence[torch.Tensor | None] | None = None,
+    scales: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """λ · Σ_k w_k·scale_k·(δ_k ⊙ keep_k), divided by Σ_k w_k when ``normalize`` (unless that sum is ~0)."""
     out = torch.zeros_like(deltas[0])
-    for d, w in zip(deltas, weight):
-        out.add_(d, alpha=w)
+    for k, (d, w) in enumerate(zip(deltas, weights)):
+        m = None if keep is None else keep[k]
+        out.add_(d if m is None else torch.where(m, d, 0.0), alpha=w * (1.0 if scales is None else scales[k]))
     if normalize:
-        total = sum(weight)
+        total = sum(weights)
         out.div_(total if abs(total) >= 1e-8 else 1.0)
     if lambda_ != 1.0:
         out.mul_(lambda_)
