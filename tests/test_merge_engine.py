@@ -499,3 +499,19 @@ def test_streaming_holds_at_most_two_tensors_per_input(family, tmp_path, monkeyp
     inputs = 4  # base + three models
     assert live["reads"] == inputs * result.num_tensors
     assert live["max"] <= 2 * inputs < result.num_tensors
+
+
+def test_recipe_is_checked_before_models_are_resolved(tmp_path, monkeypatch):
+    import fuselab.modeling.resolve as resolve_module
+
+    def no_resolution(*args, **kwargs):
+        raise AssertionError("a model was resolved before the recipe was validated")
+
+    monkeypatch.setattr(resolve_module, "resolve_model", no_resolution)
+    r = {
+        "merge_method": "ties",
+        "base_model": "smollm2-135m-instruct",
+        "models": [{"model": "some/where", "parameters": {"weight": 1.0, "densty": 0.5}}],
+    }
+    with pytest.raises(ConfigError, match="unknown parameter `densty`"):
+        run_merge(r, tmp_path / "o", show_progress=False)

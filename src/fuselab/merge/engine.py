@@ -219,6 +219,9 @@ class _Merger:
             raise ConfigError(
                 f"{self.method.name} works on task vectors and needs `base_model`; name the base model"
             )
+        # Parameters are checked before any model is resolved (which may mean fetching it); models named
+        # differently from the base but resolving to it are excluded again below.
+        validate_parameters(self.method, recipe, self._merged_by_name())
 
         # Resolve and open every distinct input once.
         opened: dict[Path, Checkpoint] = {}
@@ -256,6 +259,11 @@ class _Merger:
         self.num_layers = int(self.reference.text_config().get("num_hidden_layers") or 1)
         name = recipe.output_dtype_name()
         self.out_dtype = DTYPES[name] if name else self.reference.main_dtype()
+
+    def _merged_by_name(self) -> list[int]:
+        base = self.recipe.base_model
+        models = self.recipe.models
+        return [i for i, m in enumerate(models) if not (self.method.needs_base and m.model == base)]
 
     # per-tensor pieces
 
