@@ -9,35 +9,31 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwe
 
 from helpers.tokenizers import byte_level_bpe, save_tokenizer
 
+# The shape every tiny test model shares: small enough for milliseconds, with GQA and several layers.
+TINY_SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
 
 def tiny_llama_config(vocab_size: int = 300, tie: bool = True, layers: int = 2, **kw) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
         tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **TINY_SHAPE,
         **kw,
     )
 
 
 def tiny_qwen2_config(vocab_size: int = 300, tie: bool = False, layers: int = 2) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=tie,
-    )
+    return Qwen2Config(vocab_size=vocab_size, num_hidden_layers=layers, tie_word_embeddings=tie, **TINY_SHAPE)
 
 
 def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -224,13 +224,13 @@ class _Merger:
         validate_parameters(self.method, recipe, self._merged_by_name())
 
         # Resolve and open every distinct input once.
-        opened: dict[Path, Checkpoint] = {}
+        self.opened: dict[Path, Checkpoint] = {}
 
         def open_ref(ref: str) -> _Input:
             path = resolve_model(ref).resolve()
-            if path not in opened:
-                opened[path] = Checkpoint(path)
-            return _Input(ref, opened[path])
+            if path not in self.opened:
+                self.opened[path] = Checkpoint(path)
+            return _Input(ref, self.opened[path])
 
         self.models = [open_ref(m.model) for m in recipe.models]
         self.base = open_ref(recipe.base_model) if recipe.base_model else None
@@ -338,46 +338,52 @@ class _Merger:
     def run(self, out_dir: Path) -> MergeResult:
         start = time.perf_counter()
         specs = [self.out_spec(n) for n in self.out_names]
-        total_bytes = sum(s.nbytes for s in specs)
-        with atomic_output_dir(out_dir, force=self.options.force) as tmp:
-            stats = self.group_statistics()
-            gs = self.method.group_statistic
-            writer = BackgroundWriter(
-                ShardedSafetensorsWriter(tmp, specs, parse_size(self.options.out_shard_size)), depth=2
-            )
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuselab-reader")
-            try:
-                bar = progress(
-                    total=total_bytes,
-                    desc=f"merging ({self.method.name})",
-                    unit="B",
-                    unit_scale=True,
-                    disable=not self.options.show_progress,
-                )
-                pending: Future = pool.submit(self.load_inputs, self.out_names[0])
-                for i, (name, spec) in enumerate(zip(self.out_names, specs)):
-                    base, tensors = pending.result()
-                    if i + 1 < len(self.out_names):
-                        pending = pool.submit(self.load_inputs, self.out_names[i + 1])
-                    group_stat = stats.get(gs.group_of(name)) if (gs and stats) else None
-                    out = self.merge_one(name, base, tensors, group_stat)
-                    del base, tensors
-                    writer.write(name, out)
-                    bar.update(spec.nbytes)
-                bar.close()
-                files = writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-            self.write_metadata(tmp)
-            seconds = time.perf_counter() - start
-            result = MergeResult(Path(out_dir), self.method.name, len(specs), total_bytes, seconds, files)
-            self.write_provenance(tmp, result)
-        for inp in {id(i.ckpt): i for i in [*self.models, *([self.base] if self.base else [])]}.values():
-            inp.ckpt.close()
+        try:
+            with atomic_output_dir(out_dir, force=self.options.force) as tmp:
+                files = self.stream(tmp, specs)
+                self.write_metadata(tmp)
+                total = sum(s.nbytes for s in specs)
+                seconds = time.perf_counter() - start
+                result = MergeResult(Path(out_dir), self.method.name, len(specs), total, seconds, files)
+                self.write_provenance(tmp, result)
+        finally:
+            for ckpt in self.opened.values():
+                ckpt.close()
         return result
+
+    def stream(self, out: Path, specs: list[TensorSpec]) -> list[str]:
+        """Merge every tensor into ``out``: read ahead on one thread, write behind on another."""
+        stats = self.group_statistics()
+        gs = self.method.group_statistic
+        writer = BackgroundWriter(
+            ShardedSafetensorsWriter(out, specs, parse_size(self.options.out_shard_size))
+        )
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuselab-reader")
+        bar = progress(
+            total=sum(s.nbytes for s in specs),
+            desc=f"merging ({self.method.name})",
+            unit="B",
+            unit_scale=True,
+            disable=not self.options.show_progress,
+        )
+        try:
+            pending: Future = pool.submit(self.load_inputs, self.out_names[0])
+            for i, (name, spec) in enumerate(zip(self.out_names, specs)):
+                base, tensors = pending.result()
+                if i + 1 < len(self.out_names):
+                    pending = pool.submit(self.load_inputs, self.out_names[i + 1])
+                group_stat = stats.get(gs.group_of(name)) if (gs and stats) else None
+                out_tensor = self.merge_one(name, base, tensors, group_stat)
+                del base, tensors
+                writer.write(name, out_tensor)
+                bar.update(spec.nbytes)
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # outputs beside the weights
 
