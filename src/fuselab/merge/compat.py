@@ -29,7 +29,7 @@ STRUCTURE_KEYS = (
     "n_routed_experts",
 )
 
-# Fallback (output embedding, input embedding) names when the model class is not importable.
+# The usual (output embedding, input embedding) names; checked first, before asking transformers' classes.
 _COMMON_TIES = (
     ("lm_head.weight", "model.embed_tokens.weight"),
     ("lm_head.weight", "transformer.wte.weight"),

@@ -31,7 +31,7 @@ from fuselab.merge.compat import check_mergeable
 from fuselab.merge.parameters import evaluate_setting, layer_fraction, setting_endpoints
 from fuselab.merge.recipe import MergeRecipe
 from fuselab.merge.registry import REQUIRED, MergeMethod, all_param_names, get_merge_method
-from fuselab.modeling.checkpoint import Checkpoint
+from fuselab.modeling.checkpoint import Checkpoint, TensorInfo
 from fuselab.modeling.writer import BackgroundWriter, ShardedSafetensorsWriter, TensorSpec, parse_size
 from fuselab.utils.atomic import atomic_output_dir, check_output_dir
 from fuselab.utils.config import dump_yaml, load_config, validate_config
@@ -279,7 +279,7 @@ class _Merger:
 
     def load_inputs(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(base, tensors); for delta methods the tensors are task vectors, formed in place."""
-        if not self.reference.tensors[self.sources[id(self.reference)][name]].dtype.is_floating_point:
+        if not self.ref_info(name).dtype.is_floating_point:
             return None, []
         tensors = [self.read(self.models[i].ckpt, name) for i in self.merged]
         if not self.method.needs_base:
@@ -294,7 +294,7 @@ class _Merger:
         self, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor], group_stat
     ) -> torch.Tensor:
         if not tensors:  # a non-floating tensor (e.g. an integer buffer): taken from the reference
-            return self.reference.read(self.sources[id(self.reference)][name])
+            return self.reference.read(self.ref_info(name).name)
         kwargs = self.params_for(name)
         if self.method.random:
             gen = torch.Generator(device=self.device)
@@ -315,7 +315,11 @@ class _Merger:
         gs = self.method.group_statistic
         if gs is None:
             return {}
-        names = [n for n in self.out_names if gs.needed(self.params_for(n)) and self._is_float(n)]
+        names = [
+            n
+            for n in self.out_names
+            if gs.needed(self.params_for(n)) and self.ref_info(n).dtype.is_floating_point
+        ]
         if not names:
             return {}
         stats: dict[str, torch.Tensor] = {}
@@ -328,11 +332,12 @@ class _Merger:
             stats[key] = stats[key] + s if key in stats else s
         return stats
 
-    def _is_float(self, name: str) -> bool:
-        return self.reference.tensors[self.sources[id(self.reference)][name]].dtype.is_floating_point
+    def ref_info(self, name: str) -> TensorInfo:
+        """The reference checkpoint's stored tensor behind output tensor ``name`` (layout, dtype, shape)."""
+        return self.reference.tensors[self.sources[id(self.reference)][name]]
 
     def out_spec(self, name: str) -> TensorSpec:
-        info = self.reference.tensors[self.sources[id(self.reference)][name]]
+        info = self.ref_info(name)
         return TensorSpec(name, self.out_dtype if info.dtype.is_floating_point else info.dtype, info.shape)
 
     def run(self, out_dir: Path) -> MergeResult:
