@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fuselab.data.bundled import load_bundled
+from fuselab.data.conversations import Conversation
+from fuselab.data.render import encode, render
 from fuselab.modeling.resolve import resolve_model
 from fuselab.utils.atomic import atomic_output_dir, atomic_write_text
 from fuselab.utils.progress import progress
@@ -124,48 +126,17 @@ def own_peak_rss_mb() -> float:
 # Data: chat template, assistant-token mask from character spans
 
 
-def assistant_spans(
-    text: str, messages: Sequence[dict[str, str]], end_marker: str | None
-) -> list[tuple[int, int]]:
-    """Character spans of the assistant replies in the rendered ``text``, found in order.
-
-    A span covers the reply's content and, when it follows directly, ``end_marker`` (the end-of-turn token),
-    so that the model is also trained and scored on stopping.
-    """
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for message in messages:
-        content = message["content"]
-        start = text.find(content, cursor)
-        if start < 0:
-            raise ValueError(
-                f"{message['role']} message not found in the rendered conversation: {content[:60]!r}"
-            )
-        end = start + len(content)
-        cursor = end
-        if message["role"] != "assistant":
-            continue
-        if end_marker and text.startswith(end_marker, end):
-            end += len(end_marker)
-        spans.append((start, end))
-    return spans
-
-
 def encode_conversation(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_len: int
 ) -> Example:
-    """Render with the chat template, tokenise once, and mark the tokens that overlap assistant spans.
+    """Render with the chat template, tokenise once, and mark the tokens of the assistant replies
+    (``fuselab.data``: byte spans of the replies and their end-of-turn token in the rendered text).
 
     Longer conversations keep their last ``max_len`` tokens: the assistant reply is at the end.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = assistant_spans(text, messages, tokenizer.eos_token)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    target = [
-        any(s < span_end and e > span_start for span_start, span_end in spans)
-        for s, e in encoding["offset_mapping"]
-    ]
-    return Example(input_ids=list(encoding["input_ids"])[-max_len:], target=target[-max_len:])
+    rendered = render(Conversation(id="demo", messages=tuple(messages)), tokenizer)
+    enc = encode(tokenizer, rendered)
+    return Example(input_ids=enc.ids.tolist()[-max_len:], target=enc.supervised.tolist()[-max_len:])
 
 
 def encode_split(tokenizer: PreTrainedTokenizerBase, domain: str, split: str, max_len: int) -> list[Example]:

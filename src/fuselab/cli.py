@@ -16,10 +16,18 @@ from collections.abc import Sequence
 from fuselab import __version__
 from fuselab.utils.errors import FuselabError
 
+# Stage modules that contribute sub-commands, in the order ``fuselab --help`` lists them.
+COMMAND_MODULES = (
+    "fuselab.modeling.commands",
+    "fuselab.merge.commands",
+    "fuselab.fusion.commands",
+    "fuselab.wrpo.commands",
+    "fuselab.prune.commands",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from fuselab.merge import commands as merge_commands
-    from fuselab.modeling import commands as modeling_commands
+    import importlib
 
     parser = argparse.ArgumentParser(
         prog="fuselab",
@@ -28,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fuselab {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modeling_commands.add_parsers(sub)
-    merge_commands.add_parsers(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parsers(sub)
     return parser
 
 

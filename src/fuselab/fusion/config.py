@@ -1,0 +1,140 @@
+"""The recipe of ``fuselab fusion extract|align|train``: one strict model, one YAML file.
+
+A recipe names the pivot (the model that is trained, whose chat template and vocabulary the targets use),
+the sources, the conversation data, and the settings of each stage. Every stage reads the sections it needs;
+the work folder keeps each stage's outputs under a content hash of what produced them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fuselab.utils.config import StrictModel, load_config
+
+
+class DataConfig(StrictModel):
+    train: list[str] = Field(
+        min_length=1,
+        description="conversation files/folders (JSON, JSONL, Parquet, datasets folder) or bundled:<domain>.<split>",
+    )
+    max_length: int = Field(
+        1024, ge=16, description="tokens per text, for every tokenizer (longer ones are split)"
+    )
+    template: str = Field(
+        "pivot", description="whose chat template renders the text: 'pivot' or a model reference"
+    )
+    on_bad_rows: Literal["error", "skip"] = "error"
+    limit: int | None = Field(None, ge=1, description="use only the first N conversations")
+
+
+class ExtractConfig(StrictModel):
+    k: int = Field(10, ge=1, le=256)
+    temperature: float = Field(1.0, gt=0, description="applied to the teachers' full-vocabulary logits")
+    batch_tokens: int = Field(8192, ge=64)
+    chunk_positions: int = Field(1024, ge=1)
+    shard_tokens: int = Field(200_000, ge=1)
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    backend: Literal["transformers", "vllm"] = "transformers"
+
+
+class AlignConfig(StrictModel):
+    sequence: str = Field("offsets", description="offsets | mined | exact")
+    vocab: str = Field("exact", description="exact | mined | statistics")
+
+    @field_validator("sequence")
+    @classmethod
+    def _seq(cls, v: str) -> str:
+        from fuselab.fusion.align.sequence import sequence_aligner_names
+
+        if v not in sequence_aligner_names():
+            raise ValueError(
+                f"unknown sequence alignment {v!r}; valid: {', '.join(sequence_aligner_names())}"
+            )
+        return v
+
+    @field_validator("vocab")
+    @classmethod
+    def _vocab(cls, v: str) -> str:
+        from fuselab.fusion.align.vocab import vocab_mapping_names
+
+        if v not in vocab_mapping_names():
+            raise ValueError(f"unknown vocabulary mapping {v!r}; valid: {', '.join(vocab_mapping_names())}")
+        return v
+
+
+class FuseConfig(StrictModel):
+    mode: Literal["pairwise", "multi"] = Field(
+        "pairwise",
+        description="pairwise: one target per source (FuseChat); multi: all sources at once (FuseLLM)",
+    )
+    function: str = Field("mince", description="mince | mince_token | avgce")
+    include_pivot: bool = Field(
+        True, description="the pivot's own distribution is a candidate (FuseChat default)"
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _fn(cls, v: str) -> str:
+        from fuselab.fusion.fuse import fusion_names
+
+        if v not in fusion_names():
+            raise ValueError(f"unknown fusion function {v!r}; valid: {', '.join(fusion_names())}")
+        return v
+
+
+class TrainConfig(StrictModel):
+    lam: float = Field(0.9, ge=0.0, le=1.0, description="weight of the CLM loss (λ); 1.0 is plain SFT")
+    loss: Literal["ce", "kl"] = "ce"
+    tail: Literal["bucket", "renormalize"] = "bucket"
+    learning_rate: float = Field(5e-6, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="overrides epochs when > 0")
+    batch_size: int = Field(4, ge=1, description="sequences per device per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    lr_scheduler: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
+    save_total_limit: int | None = 2
+    bf16: bool | Literal["auto"] = "auto"
+    gradient_checkpointing: bool = False
+    log_example_ids: bool = Field(
+        False, description="write the example ids each process trained on (diagnostics)"
+    )
+
+
+class FusionRecipe(StrictModel):
+    pivot: str = Field(description="the model to train: folder, catalog name or hub id")
+    sources: list[str] = Field(min_length=1)
+    names: dict[str, str] | None = Field(
+        None, description="short names of the models (default: folder names)"
+    )
+    data: DataConfig
+    extract: ExtractConfig = ExtractConfig()
+    align: AlignConfig = AlignConfig()
+    fuse: FuseConfig = FuseConfig()
+    train: TrainConfig = TrainConfig()
+    workdir: str | None = Field(
+        None, description="where stage outputs are cached (default: outputs/fusion/<recipe>)"
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FusionRecipe:
+        if len(set(self.sources)) != len(self.sources) or self.pivot in self.sources:
+            raise ValueError("the pivot and every source must be different models")
+        return self
+
+
+def load_recipe(path: str | Path) -> FusionRecipe:
+    return load_config(FusionRecipe, path)
+
+
+def validate_recipe_file(path: str | Path) -> None:
+    load_recipe(path)

@@ -1,0 +1,95 @@
+"""The fusion training loss: ``λ·L_CLM + (1−λ)·L_fuse`` (FuseLLM eq. 5; FuseChat §5).
+
+L_fuse is the cross-entropy (or KL) of the student's full-vocabulary softmax against the fused *sparse*
+target: with z the student logits at a supervised position and (u_r, q_r) the target's ids and probabilities,
+
+    log p_θ(u_r) = z[u_r] − logsumexp(z)          (a gather, never a vocabulary-sized target tensor)
+    CE = −Σ_r q_r · log p_θ(u_r)  [ − q_tail · log(1 − Σ_r p_θ(u_r)) ]
+
+Both terms share one ``logsumexp`` per position, so CLM + fusion costs about what CLM alone does; the
+reference builds dense [B, L, V] targets in the collator (FuseChat spec §9.2 items 7–8).
+
+``tail`` decides what happens to the probability mass outside the kept top-k (the stored log-probs are
+normalised over the full vocabulary, so Σ q_r ≤ 1):
+
+- ``renormalize`` (the reference): q is rescaled to sum to one over the kept ids, which makes the target
+  over-confident (spec §2.3);
+- ``bucket`` (default): the missing mass becomes one more class, "any other token", so the student is asked to
+  match the teacher's probabilities themselves, not their ratios.
+
+λ = 1 is plain supervised fine-tuning: the loss is then exactly the causal-LM loss over supervised tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class FusionLossOutput:
+    loss: torch.Tensor
+    clm: torch.Tensor
+    fuse: torch.Tensor
+    positions: int
+
+
+def fusion_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logp: torch.Tensor,
+    *,
+    lam: float,
+    kind: Literal["ce", "kl"] = "ce",
+    tail: Literal["bucket", "renormalize"] = "bucket",
+) -> FusionLossOutput:
+    """Loss on a batch.
+
+    ``logits`` [B, L, V] (position t predicts token t+1); ``labels`` [B, L] with ``IGNORE`` on unsupervised
+    tokens; ``target_ids``/``target_logp`` [N, K] for the N supervised positions in row-major order (the
+    positions t with ``labels[:, t+1] != IGNORE``), padded with id −1 / log-prob −inf.
+    """
+    sup = labels[:, 1:] != IGNORE
+    z = logits[:, :-1][sup].float()  # [N, V]
+    gold = labels[:, 1:][sup]
+    n = z.shape[0]
+    if target_ids.shape[0] != n:
+        raise ValueError(f"{target_ids.shape[0]} target rows for {n} supervised positions")
+    if n == 0:
+        zero = logits.sum() * 0.0
+        return FusionLossOutput(zero, zero.detach(), zero.detach(), 0)
+    lse = z.logsumexp(-1)
+    clm = (lse - z.gather(1, gold[:, None])[:, 0]).mean()
+    if lam >= 1.0:
+        return FusionLossOutput(clm, clm.detach(), torch.zeros((), device=clm.device), n)
+    valid = target_ids >= 0
+    student = z.gather(1, target_ids.clamp(min=0)) - lse[:, None]  # log p_θ(u_r)
+    q = torch.where(valid, target_logp.float().exp(), torch.zeros((), device=z.device))
+    kept = q.sum(-1)
+    if tail == "renormalize":
+        q = q / kept.clamp(min=1e-12)[:, None]
+        ce = -(q * torch.where(valid, student, torch.zeros((), device=z.device))).sum(-1)
+        entropy = -(q * torch.where(valid, q.clamp(min=1e-30).log(), torch.zeros((), device=z.device))).sum(
+            -1
+        )
+    elif tail == "bucket":
+        ce = -(q * torch.where(valid, student, torch.zeros((), device=z.device))).sum(-1)
+        q_tail = (1.0 - kept).clamp(min=0.0)
+        s = torch.where(valid, student, torch.full((), -torch.inf, device=z.device)).logsumexp(-1)
+        log_rest = torch.log(-torch.expm1(s.clamp(max=-1e-7)))  # log(1 − Σ p_θ(u_r))
+        ce = ce - q_tail * log_rest
+        entropy = -(q * torch.where(valid, q.clamp(min=1e-30).log(), torch.zeros((), device=z.device))).sum(
+            -1
+        )
+        entropy = entropy - q_tail * q_tail.clamp(min=1e-30).log()
+    else:
+        raise ValueError(f"unknown tail mode {tail!r}; valid: bucket, renormalize")
+    per_pos = ce if kind == "ce" else ce - entropy
+    fuse = per_pos.mean()
+    loss = lam * clm + (1.0 - lam) * fuse
+    return FusionLossOutput(loss, clm.detach(), fuse.detach(), n)

@@ -1,0 +1,232 @@
+"""Fusion training on the transformers ``Trainer`` (``fuselab fusion train``).
+
+Using the stock Trainer means ``accelerate launch`` with DDP, FSDP or DeepSpeed, gradient accumulation,
+checkpoints and ``--resume`` work as users know them. What fuselab adds: a collator that pads dynamically and
+ships sparse targets ([N, K] ids and log-probs for the N supervised positions, never [B, L, V]), the loss of
+:mod:`fuselab.fusion.loss`, and CLM and fusion losses logged separately.
+
+The output folder appears only when training finished: checkpoints live in ``<out>.work/`` (a rerun resumes
+from the last one), the final model is written to a temporary folder with its card and resolved recipe and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fuselab.fusion.config import TrainConfig
+from fuselab.fusion.loss import IGNORE, fusion_loss
+from fuselab.fusion.workspace import FusedTargets
+
+log = logging.getLogger(__name__)
+
+
+class FusedDataset(torch.utils.data.Dataset):
+    def __init__(self, targets: FusedTargets) -> None:
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"example_index": i, **self.targets.example(i)}
+
+
+class FusionCollator:
+    """Right-pads a batch; concatenates the sparse targets of its supervised positions in row-major order."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        k = max(r["target_ids"].shape[1] for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        t_ids, t_logp = [], []
+        for b, r in enumerate(rows):
+            n = len(r["input_ids"])
+            x = torch.from_numpy(r["input_ids"])
+            ids[b, :n] = x
+            mask[b, :n] = 1
+            sup = torch.from_numpy(r["supervised"].copy())
+            sup[0] = False  # the first token has no prediction
+            labels[b, :n] = torch.where(sup, x, torch.full_like(x, IGNORE))
+            ti = torch.from_numpy(r["target_ids"])
+            tl = torch.from_numpy(r["target_logp"])
+            if ti.shape[0] != int(sup.sum()):
+                raise ValueError(
+                    f"example {r.get('example_index')}: {ti.shape[0]} targets for {int(sup.sum())} positions"
+                )
+            pad = k - ti.shape[1]
+            t_ids.append(torch.nn.functional.pad(ti, (0, pad), value=-1))
+            t_logp.append(torch.nn.functional.pad(tl, (0, pad), value=-float("inf")))
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "target_ids": torch.cat(t_ids),
+            "target_logp": torch.cat(t_logp),
+            "example_index": torch.tensor([int(r["example_index"]) for r in rows]),
+        }
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class FusionTrainer(Trainer):
+        """Trainer with the fusion loss; logs ``clm_loss`` and ``fusion_loss`` next to ``loss``."""
+
+        def __init__(self, *args: Any, fusion: TrainConfig, seen_path: Path | None = None, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.fusion = fusion
+            self._sums = {"clm_loss": 0.0, "fusion_loss": 0.0}
+            self._count = 0
+            self._seen_path = seen_path
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            target_ids = inputs.pop("target_ids")
+            target_logp = inputs.pop("target_logp")
+            seen = inputs.pop("example_index", None)
+            if self._seen_path is not None and seen is not None and model.training:
+                with open(self._seen_path, "a") as f:
+                    f.write(" ".join(str(int(i)) for i in seen.tolist()) + "\n")
+            outputs = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            )
+            out = fusion_loss(
+                outputs.logits,
+                labels,
+                target_ids,
+                target_logp,
+                lam=self.fusion.lam,
+                kind=self.fusion.loss,
+                tail=self.fusion.tail,
+            )
+            if model.training:
+                self._sums["clm_loss"] += float(out.clm)
+                self._sums["fusion_loss"] += float(out.fuse)
+                self._count += 1
+            return (out.loss, outputs) if return_outputs else out.loss
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if self._count and "loss" in logs:
+                for key, total in self._sums.items():
+                    logs[key] = round(total / self._count, 6)
+                self._sums = dict.fromkeys(self._sums, 0.0)
+                self._count = 0
+            super().log(logs, *args, **kwargs)
+
+    return FusionTrainer
+
+
+def training_arguments(cfg: TrainConfig, work: Path, *, show_progress: bool, device: str | None = None):
+    from transformers import TrainingArguments
+
+    bf16 = cfg.bf16
+    if bf16 == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
+        output_dir=str(work),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a ratio of the steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        bf16=bool(bf16),
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=not show_progress,
+        dataloader_num_workers=0,
+        use_cpu=device == "cpu" or not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        save_only_model=False,
+    )
+
+
+def train(
+    targets_dir: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    resolved_recipe: dict[str, Any] | None = None,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train the pivot on the fused targets in ``targets_dir``; write an HF checkpoint to ``out_dir``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from fuselab.fusion.card import write_card
+    from fuselab.modeling.tokenizers import load_tokenizer
+    from fuselab.utils.atomic import atomic_output_dir, check_output_dir
+
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir, force)
+    targets = FusedTargets.open(targets_dir)
+    pivot_path = Path(targets.meta["pivot_path"])
+    tokenizer = load_tokenizer(pivot_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(pivot_path, dtype=torch.float32, local_files_only=True)
+    model.config.use_cache = False
+    work = out_dir.with_name(out_dir.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    args = training_arguments(cfg, work, show_progress=show_progress)
+    seen = work / f"examples_seen.rank{args.process_index}.txt" if cfg.log_example_ids else None
+    if seen is not None and seen.exists() and get_last_checkpoint(str(work)) is None:
+        seen.unlink()
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=FusedDataset(targets),
+        data_collator=FusionCollator(pad_id),
+        fusion=cfg,
+        seen_path=seen,
+    )
+    last = get_last_checkpoint(str(work))
+    if last:
+        log.info("resuming from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
+    summary = {
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "log_history": history,
+        "targets": str(targets.root),
+    }
+    if trainer.is_world_process_zero():
+        with atomic_output_dir(out_dir, force=force) as tmp:
+            trainer.save_model(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            gen = pivot_path / "generation_config.json"
+            if gen.exists() and not (tmp / "generation_config.json").exists():
+                shutil.copy(gen, tmp / "generation_config.json")
+            (tmp / "training_log.json").write_text(json.dumps(summary, indent=2))
+            for f in work.glob("examples_seen.rank*.txt"):
+                shutil.copy(f, tmp / f.name)
+            write_card(tmp, targets.meta, cfg, summary, resolved_recipe)
+        if os.environ.get("FUSELAB_KEEP_CHECKPOINTS") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+    if trainer.accelerator.num_processes > 1:
+        trainer.accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,366 @@
+"""The stages of explicit fusion on disk: texts → top-k stores → fused targets, each cached by content hash.
+
+::
+
+    <workdir>/texts/<hash>.jsonl            rendered texts + assistant byte spans (shared by every model)
+    <workdir>/topk/<model>-<hash>/          one top-k store per model (resumable shards)
+    <workdir>/targets/<target>-<hash>/      pivot tokens, labels and fused sparse targets (training input)
+
+A key covers everything that determines the output (model fingerprint, tokenizer, template, data, k,
+temperature, alignment and fusion settings), so a rerun reuses finished work and a changed input never
+reuses stale work. Stores are keyed by content, not row index: the reference pairs pivot and source rows by
+position and silently misaligns on any filtering difference (FuseChat spec §9.2 item 11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fuselab.data.render import Encoded, RenderedText, SplitReport, encode, render_to_fit, texts_fingerprint
+from fuselab.fusion.config import FusionRecipe
+from fuselab.utils.atomic import atomic_output_dir, atomic_write_text
+from fuselab.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _h(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_name(ref: str) -> str:
+    return Path(ref.rstrip("/")).name or ref
+
+
+def load_training_conversations(recipe: FusionRecipe, report=None):
+    from fuselab.data.bundled import bundled_path
+    from fuselab.data.conversations import load_conversations
+
+    paths = []
+    for item in recipe.data.train:
+        if item.startswith("bundled:"):
+            paths.append(bundled_path(item.removeprefix("bundled:") + ".jsonl"))
+        else:
+            paths.append(Path(item))
+    convs = load_conversations(paths, on_error=recipe.data.on_bad_rows, report=report)
+    return convs[: recipe.data.limit] if recipe.data.limit else convs
+
+
+@dataclass
+class FusedTargets:
+    """Training input for one target model, memory-mapped from a targets folder."""
+
+    root: Path
+    tokens: np.ndarray  # int32, all examples' pivot ids concatenated
+    tok_offsets: np.ndarray  # int64 [E+1]
+    supervised: np.ndarray  # bool, like tokens
+    target_ids: np.ndarray  # int32 [N, K]
+    target_logp: np.ndarray  # float16 [N, K]
+    tgt_offsets: np.ndarray  # int64 [E+1]
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, root: str | Path) -> FusedTargets:
+        root = Path(root)
+        if not (root / "meta.json").exists():
+            raise ConfigError(f"{root} holds no fused targets; run `fuselab fusion align` first")
+        arr = {
+            n: np.load(root / f"{n}.npy", mmap_mode="r")
+            for n in ("tokens", "supervised", "target_ids", "target_logp")
+        }
+        return cls(
+            root=root,
+            tok_offsets=np.load(root / "tok_offsets.npy"),
+            tgt_offsets=np.load(root / "tgt_offsets.npy"),
+            meta=json.loads((root / "meta.json").read_text()),
+            **arr,
+        )
+
+    def __len__(self) -> int:
+        return len(self.tok_offsets) - 1
+
+    def example(self, i: int) -> dict[str, np.ndarray]:
+        a, b = int(self.tok_offsets[i]), int(self.tok_offsets[i + 1])
+        c, d = int(self.tgt_offsets[i]), int(self.tgt_offsets[i + 1])
+        return {
+            "input_ids": np.asarray(self.tokens[a:b], dtype=np.int64),
+            "supervised": np.asarray(self.supervised[a:b]),
+            "target_ids": np.asarray(self.target_ids[c:d], dtype=np.int64),
+            "target_logp": np.asarray(self.target_logp[c:d], dtype=np.float32),
+        }
+
+
+class Workspace:
+    """Runs and caches the stages of one recipe."""
+
+    def __init__(self, recipe: FusionRecipe, workdir: str | Path, *, show_progress: bool = True) -> None:
+        from fuselab.modeling.resolve import resolve_model
+
+        self.recipe = recipe
+        self.workdir = Path(workdir)
+        self.show_progress = show_progress
+        names = dict(recipe.names or {})
+        refs = [recipe.pivot, *recipe.sources]
+        self.names = [names.get(r, default_name(r)) for r in refs]
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(
+                f"two models share the name {self.names}; give them distinct names under `names:`"
+            )
+        self.paths = {n: resolve_model(r) for n, r in zip(self.names, refs)}
+        self.pivot = self.names[0]
+        self.sources = self.names[1:]
+        self._tokenizers: dict[str, Any] = {}
+        self._texts: list[RenderedText] | None = None
+        self._encoded: dict[str, list[Encoded]] = {}
+
+    # -- models ------------------------------------------------------------------------------------------
+    def tokenizer(self, name: str):
+        from fuselab.modeling.tokenizers import load_tokenizer
+
+        if name not in self._tokenizers:
+            self._tokenizers[name] = load_tokenizer(self.paths[name])
+        return self._tokenizers[name]
+
+    def fingerprint(self, name: str) -> str:
+        from fuselab.modeling.fingerprint import model_fingerprint
+
+        return model_fingerprint(self.paths[name])
+
+    # -- texts -------------------------------------------------------------------------------------------
+    def texts(self) -> list[RenderedText]:
+        if self._texts is not None:
+            return self._texts
+        from fuselab.data.conversations import LoadReport
+        from fuselab.modeling.fingerprint import tokenizer_fingerprint
+
+        report = LoadReport()
+        convs = load_training_conversations(self.recipe, report)
+        tpl = self.recipe.data.template
+        tpl_name = self.pivot if tpl == "pivot" else tpl
+        if tpl_name in self.paths:
+            tpl_path = self.paths[tpl_name]
+        else:
+            from fuselab.modeling.resolve import resolve_model
+
+            tpl_path = resolve_model(tpl)
+        key = _h(
+            [c.fingerprint() for c in convs],
+            tokenizer_fingerprint(tpl_path),
+            [tokenizer_fingerprint(self.paths[n]) for n in self.names],
+            self.recipe.data.max_length,
+        )
+        path = self.workdir / "texts" / f"{key}.jsonl"
+        if path.exists():
+            self._texts = [RenderedText.from_json(json.loads(line)) for line in path.open()]
+            return self._texts
+        from fuselab.modeling.tokenizers import load_tokenizer
+
+        split = SplitReport()
+        template_tok = self.tokenizer(tpl_name) if tpl_name in self.paths else load_tokenizer(tpl_path)
+        texts = render_to_fit(
+            convs, template_tok, [self.tokenizer(n) for n in self.names], self.recipe.data.max_length, split
+        )
+        log.info("data: %s; %s", report.summary(), split.summary())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in texts))
+        self._texts = texts
+        return texts
+
+    def encoded(self, name: str) -> list[Encoded]:
+        if name not in self._encoded:
+            tok = self.tokenizer(name)
+            self._encoded[name] = [encode(tok, t) for t in self.texts()]
+        return self._encoded[name]
+
+    # -- extraction --------------------------------------------------------------------------------------
+    def extract_settings(self):
+        from fuselab.fusion.extract import ExtractSettings
+
+        return ExtractSettings(**self.recipe.extract.model_dump())
+
+    def store_dir(self, name: str) -> Path:
+        s = self.extract_settings()
+        key = _h(self.fingerprint(name), texts_fingerprint(self.texts()), s.store_meta())
+        return self.workdir / "topk" / f"{name}-{key}"
+
+    def extract(self, names: list[str] | None = None) -> dict[str, Any]:
+        from fuselab.fusion.extract import extract
+
+        out = {}
+        for name in names or self.names:
+            directory = self.store_dir(name)
+            if (directory / "manifest.json").exists() and json.loads(
+                (directory / "manifest.json").read_text()
+            ).get("complete"):
+                out[name] = None
+                continue
+            out[name] = extract(
+                self.paths[name],
+                self.texts(),
+                directory,
+                self.extract_settings(),
+                label=name,
+                show_progress=self.show_progress,
+            )
+        return out
+
+    def store(self, name: str):
+        from fuselab.fusion.extract import open_store
+
+        return open_store(self.store_dir(name), self.extract_settings(), len(self.texts()))
+
+    # -- alignment and fusion ----------------------------------------------------------------------------
+    def target_groups(self) -> dict[str, list[str]]:
+        """Target name -> its sources: one per source (pairwise) or one with all (multi)."""
+        if self.recipe.fuse.mode == "pairwise":
+            return {f"{self.pivot}+{s}": [s] for s in self.sources}
+        return {f"{self.pivot}+multi": list(self.sources)}
+
+    def targets_dir(self, target: str) -> Path:
+        srcs = self.target_groups()[target]
+        key = _h(
+            [str(self.store_dir(n)) for n in [self.pivot, *srcs]],
+            self.recipe.align.model_dump(),
+            self.recipe.fuse.model_dump(),
+        )
+        return self.workdir / "targets" / f"{target}-{key}"
+
+    def build_targets(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for target, srcs in self.target_groups().items():
+            directory = self.targets_dir(target)
+            if (directory / "meta.json").exists():
+                out[target] = json.loads((directory / "meta.json").read_text())["stats"]
+                continue
+            out[target] = self._build(target, srcs, directory)
+        return out
+
+    def _build(self, target: str, srcs: list[str], directory: Path) -> dict[str, Any]:
+        from fuselab.data.token_spans import vocabulary
+        from fuselab.fusion.align.project import Projected, project
+        from fuselab.fusion.align.sequence import align_sequences
+        from fuselab.fusion.align.vocab import build_vocab_map, count_pairs
+        from fuselab.fusion.fuse import Candidate, fuse, per_byte_nll
+        from fuselab.utils.progress import progress
+
+        texts = self.texts()
+        pv = vocabulary(self.tokenizer(self.pivot))
+        piv_enc = self.encoded(self.pivot)
+        piv_store = self.store(self.pivot)
+        vocab_size = int(self._vocab_size(self.pivot))
+        seq_method, map_method = self.recipe.align.sequence, self.recipe.align.vocab
+        per_source: dict[str, Any] = {}
+        stats: dict[str, Any] = {"examples": len(texts), "sources": {}}
+        for s in srcs:
+            sv = vocabulary(self.tokenizer(s))
+            enc = self.encoded(s)
+            store = self.store(s)
+            alignments, coverage = [], Counter()
+            for i in progress(range(len(texts)), desc=f"align {s}", disable=not self.show_progress):
+                a = align_sequences(seq_method, piv_enc[i], enc[i], pv, sv)
+                alignments.append(a.donor)
+                coverage.update(a.coverage)
+            needed = np.unique(np.concatenate([np.asarray(store[i].ids).ravel() for i in range(len(texts))]))
+            pairs = None
+            if map_method == "statistics":
+                pairs = count_pairs(
+                    (
+                        (
+                            enc[i].ids[enc[i].predicting_positions()[alignments[i][alignments[i] >= 0]] + 1],
+                            piv_enc[i].ids[piv_enc[i].predicting_positions()[alignments[i] >= 0] + 1],
+                        )
+                        for i in range(len(texts))
+                    ),
+                    len(pv),
+                )
+            vmap = build_vocab_map(map_method, sv, pv, needed=needed, pair_counts=pairs)
+            src_special = {sv.surfaces[i] for i in sv.special}
+            lacking = np.zeros(len(pv), dtype=bool)
+            for i in pv.special:
+                lacking[i] = pv.surfaces[i] not in src_special
+            per_source[s] = (store, alignments, vmap, lacking)
+            stats["sources"][s] = {
+                "coverage": dict(coverage),
+                "vocab": vmap.stats(needed.tolist()),
+                "projection": Counter(),
+            }
+        choices: Counter = Counter()
+        with atomic_output_dir(directory, force=True) as tmp:
+            tokens, supervised, tok_off = [], [], [0]
+            t_ids, t_logp, tgt_off = [], [], [0]
+            for i in progress(range(len(texts)), desc=f"fuse {target}", disable=not self.show_progress):
+                pe = piv_enc[i]
+                pos = pe.predicting_positions()
+                gold = pe.ids[pos + 1]
+                sup_bytes = texts[i].supervised_bytes
+                cands = []
+                if self.recipe.fuse.include_pivot:
+                    row = piv_store[i]
+                    cands.append(
+                        Candidate(
+                            self.pivot,
+                            Projected(
+                                np.asarray(row.ids, np.int64),
+                                np.asarray(row.logp, np.float32),
+                                np.zeros(len(pos), bool),
+                            ),
+                            per_byte_nll(row.gold_nll, sup_bytes),
+                        )
+                    )
+                for s in srcs:
+                    store, alignments, vmap, lacking = per_source[s]
+                    row = store[i]
+                    dist = project(
+                        np.asarray(row.ids),
+                        np.asarray(row.logp),
+                        alignments[i],
+                        gold,
+                        vmap,
+                        unsupported_gold=lacking[gold],
+                        counts=stats["sources"][s]["projection"],
+                    )
+                    cands.append(Candidate(s, dist, per_byte_nll(row.gold_nll, sup_bytes)))
+                fused = fuse(self.recipe.fuse.function, cands, gold, vocab_size, choices)
+                tokens.append(pe.ids.astype(np.int32))
+                supervised.append(pe.supervised)
+                tok_off.append(tok_off[-1] + len(pe.ids))
+                t_ids.append(fused.ids)
+                t_logp.append(fused.logp)
+                tgt_off.append(tgt_off[-1] + len(pos))
+            width = max(x.shape[1] for x in t_ids)
+            pad = lambda a, v: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=v)  # noqa: E731
+            np.save(tmp / "tokens.npy", np.concatenate(tokens))
+            np.save(tmp / "supervised.npy", np.concatenate(supervised))
+            np.save(tmp / "tok_offsets.npy", np.asarray(tok_off, np.int64))
+            np.save(tmp / "target_ids.npy", np.concatenate([pad(x, -1) for x in t_ids]).astype(np.int32))
+            np.save(
+                tmp / "target_logp.npy", np.concatenate([pad(x, -np.inf) for x in t_logp]).astype(np.float16)
+            )
+            np.save(tmp / "tgt_offsets.npy", np.asarray(tgt_off, np.int64))
+            for s in srcs:
+                stats["sources"][s]["projection"] = dict(stats["sources"][s]["projection"])
+            stats["choices"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in choices.items()}
+            meta = {
+                "target": target,
+                "pivot": self.pivot,
+                "sources": srcs,
+                "pivot_path": str(self.paths[self.pivot]),
+                "align": self.recipe.align.model_dump(),
+                "fuse": self.recipe.fuse.model_dump(),
+                "stats": stats,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        return stats
+
+    def _vocab_size(self, name: str) -> int:
+        cfg = json.loads((self.paths[name] / "config.json").read_text())
+        text = cfg.get("text_config", cfg)
+        return int(text.get("vocab_size") or cfg.get("vocab_size"))
