@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.fuselab-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-slow lint format demo bench-merge clean
+.PHONY: setup test test-slow lint format demo bench-merge bench-fusion bench-prune clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ demo: setup
 
 bench-merge: setup
 	$(PY) benchmarks/merge_vs_mergekit.py
+
+bench-prune: setup
+	$(PY) benchmarks/prune_search.py --threads 1 --plain-rounds 2
+
+bench-fusion: setup
+	$(PY) benchmarks/fusion_align.py
+	$(PY) benchmarks/fusion_extract.py
+	$(PY) benchmarks/fusion_train_step.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

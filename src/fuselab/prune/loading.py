@@ -1,0 +1,76 @@
+"""Load a checkpoint written by ``fuselab prune``: stock ones with stock transformers, partial ones rebuilt.
+
+A partially pruned checkpoint (``fuselab`` or ``decilm`` format, see :mod:`fuselab.prune.export`) stores the
+stock base config in ``config.json``'s ``fuselab_block_pruning`` section. The model is built from that config
+with stock transformers, its removed blocks are replaced by :class:`~fuselab.prune.blocks.ZeroBranch` and their
+norms by ``nn.Identity`` (which is what the removed blocks computed), and only the weights in the files are
+loaded; any weight the files lack that is not part of a removed block is an error, not a random tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fuselab.prune.blocks import OutputSpec, ZeroBranch, get_submodule
+from fuselab.prune.export import FORMAT_KEY
+from fuselab.utils.errors import FuselabError, ModelNotFoundError
+
+
+def pruning_section(path: str | Path) -> dict[str, Any] | None:
+    """The ``fuselab_block_pruning`` section of a checkpoint's config (None for stock checkpoints)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path} is not a checkpoint folder: config.json is missing")
+    return json.loads(config_file.read_text()).get(FORMAT_KEY)
+
+
+def load_pruned_model(
+    path: str | Path, dtype: torch.dtype | None = torch.float32, **kwargs: Any
+) -> nn.Module:
+    """A causal LM from ``path``: any stock checkpoint, or one with single blocks removed by fuselab."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path = Path(path)
+    section = pruning_section(path)
+    if section is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
+    if section.get("format_version") != 1:
+        raise FuselabError(f"{path}: unknown fuselab pruning format {section.get('format_version')!r}")
+    base = dict(section["base_config"])
+    config = AutoConfig.for_model(base.pop("model_type"), **base)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the removed blocks' weights are missing on purpose
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True, **kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(previous)
+    layers = get_submodule(model, section["layers_path"])
+    expected_missing: set[str] = set()
+    for entry in section["removed"]:
+        layer = layers[entry["layer"]]
+        block, *norms = entry["modules"]
+        original = getattr(layer, block)
+        prefix = f"{section['layers_path']}.{entry['layer']}."
+        expected_missing |= {
+            prefix + f"{n}.{p}" for n in entry["modules"] for p, _ in getattr(layer, n).named_parameters()
+        }
+        layer_idx = getattr(original, "layer_idx", None) if entry["kind"] == "attn" else None
+        setattr(layer, block, ZeroBranch(entry["kind"], OutputSpec(entry["output_tuple_len"]), layer_idx))
+        for n in norms:
+            setattr(layer, n, nn.Identity())
+    missing = set(info.get("missing_keys", ())) - expected_missing
+    unexpected = set(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        raise FuselabError(
+            f"{path}: the weight files do not match the pruned layout (missing: {sorted(missing)[:5]}, "
+            f"unexpected: {sorted(unexpected)[:5]}); the checkpoint is damaged"
+        )
+    return model.eval()
