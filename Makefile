@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.fuselab-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-slow lint format demo bench-merge bench-fusion bench-prune clean
+.PHONY: setup test test-slow lint format demo bench-merge bench-fusion bench-prune bench-wrpo demo-wrpo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ demo: setup
 
 bench-merge: setup
 	$(PY) benchmarks/merge_vs_mergekit.py
+
+bench-wrpo: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/wrpo_vs_dpo.py
+
+demo-wrpo: setup
+	$(VENV)/bin/fuselab models fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+	OMP_NUM_THREADS=1 $(PY) examples/wrpo_demo.py
 
 bench-prune: setup
 	$(PY) benchmarks/prune_search.py --threads 1 --plain-rounds 2
