@@ -31,33 +31,6 @@ import sys
 import time
 from collections import Counter
 
-from rapidfuzz.distance import Levenshtein
-
-
-def reference_dtw(a: list[str], b: list[str]) -> list[tuple[int, int]]:
-    n, m = len(a), len(b)
-    inf = float("inf")
-    D = [[inf] * (m + 1) for _ in range(n + 1)]
-    D[0][0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            D[i][j] = Levenshtein.distance(a[i - 1], b[j - 1]) + min(
-                D[i - 1][j], D[i][j - 1], D[i - 1][j - 1]
-            )
-    i, j, path = n, m, [(n - 1, m - 1)]
-    while (i, j) != (1, 1):
-        diag = D[i - 1][j - 1] if i > 1 and j > 1 else inf
-        up = D[i - 1][j] if i > 1 else inf
-        left = D[i][j - 1] if j > 1 else inf
-        if diag <= up and diag <= left:
-            i, j = i - 1, j - 1
-        elif up <= left:
-            i -= 1
-        else:
-            j -= 1
-        path.append((i - 1, j - 1))
-    return path[::-1]
-
 
 def sessions(convs, exchanges: int):
     """Consecutive conversations joined into multi-turn dialogues (bundled ones are single exchanges)."""
@@ -88,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from fuselab.data.render import encode, render
     from fuselab.data.token_spans import vocabulary
     from fuselab.fusion.align import align_sequences
+    from fuselab.fusion.align.dtw import reference_dtw
     from fuselab.modeling.resolve import resolve_model
     from fuselab.modeling.tokenizers import load_tokenizer
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import yaml
 from fuselab.cli import main
 from fuselab.fusion.config import FusionRecipe
 from fuselab.fusion.workspace import FusedTargets, Workspace
+from helpers.distributed import accelerate_launch
 from helpers.fusion import fusion_models, fusion_recipe, write_conversations
 
 
@@ -197,32 +195,7 @@ def test_two_process_training_with_accelerate(setup, tmp_path):
         "train(sys.argv[1], sys.argv[2], cfg, show_progress=False)\n"
     )
     out = tmp_path / "ddp-out"
-    env = {**os.environ, "FUSELAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    accelerate = Path(sys.executable).with_name("accelerate")
-    proc = subprocess.run(
-        # `--cpu` would start one process (accelerate's simple launcher); `--multi_gpu` goes through
-        # torch.distributed.run, and without CUDA accelerate uses gloo on the CPU.
-        [
-            str(accelerate),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(script),
-            str(ws.targets_dir(target)),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = accelerate_launch([script, ws.targets_dir(target), out], port=29541)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [[int(x) for x in (out / f"examples_seen.rank{r}.txt").read_text().split()] for r in (0, 1)]
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from fuselab.wrpo.forward import forward_logps
 from fuselab.wrpo.refcache import cached_ref_logps
 from fuselab.wrpo.sampling import load_tokenizer
 from fuselab.wrpo.train import run_train
+from helpers.distributed import accelerate_launch
 from helpers.wrpo import preference_rows, tiny_chat_model, write_jsonl
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -181,30 +179,9 @@ def test_two_process_accelerate_launch(setup, cache, tmp_path):
     # tokenizers package there.
     script = tmp_path / "wrpo_ddp.py"
     script.write_text((HELPERS / "wrpo_ddp.py").read_text())
-    # `accelerate launch --cpu` starts one process (more need MPI); `--multi_gpu` starts them through torchrun,
-    # and ACCELERATE_USE_CPU makes the Trainer's Accelerator pick the gloo backend on CPU.
-    env = {**os.environ, "FUSELAB_CACHE": str(cache), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
-        str(script),
-        str(tmp_path / "cfg.json"),
-        str(tmp_path / "out"),
-        str(rec),
-    ]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = accelerate_launch(
+        [script, tmp_path / "cfg.json", tmp_path / "out", rec], port=29533, env={"FUSELAB_CACHE": str(cache)}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((rec / f"rank{k}.json").read_text()) for k in (0, 1)]
     assert all(x["world"] == 2 and x["steps"] == 3 for x in ranks)

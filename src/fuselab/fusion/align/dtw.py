@@ -10,7 +10,7 @@ so the path is deterministic (reference issue #30).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -115,6 +115,12 @@ def dtw_banded(cost: np.ndarray, lo: np.ndarray, hi: np.ndarray, m: int) -> list
         t = j - int(lo0[i])
         return D[i, t] if 0 <= t <= int(hi[i - 1]) - int(lo0[i]) else INF
 
+    return backtrack(at, n, m)
+
+
+def backtrack(at: Callable[[int, int], float], n: int, m: int) -> list[tuple[int, int]]:
+    """Walk back from (n, m) to (1, 1) through the accumulated costs ``at(i, j)`` (1-based, inf outside),
+    preferring diagonal, then up, then left on ties (FuseLLM's order)."""
     i, j = n, m
     path = [(i - 1, j - 1)]
     while (i, j) != (1, 1):
@@ -130,6 +136,25 @@ def dtw_banded(cost: np.ndarray, lo: np.ndarray, hi: np.ndarray, m: int) -> list
         path.append((i - 1, j - 1))
     path.reverse()
     return path
+
+
+def reference_dtw(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int]]:
+    """The DP as the reference code runs it: a Python loop over all n·m cells, one edit-distance call each.
+
+    Kept as the baseline that ``benchmarks/fusion_align.py`` times; the tests check :func:`dtw_align`
+    against their own independent copy of this loop.
+    """
+    from rapidfuzz.distance import Levenshtein
+
+    n, m = len(a), len(b)
+    D = [[float(INF)] * (m + 1) for _ in range(n + 1)]
+    D[0][0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            D[i][j] = Levenshtein.distance(a[i - 1], b[j - 1]) + min(
+                D[i - 1][j], D[i][j - 1], D[i - 1][j - 1]
+            )
+    return backtrack(lambda i, j: D[i][j], n, m)
 
 
 def groups_from_path(path: Sequence[tuple[int, int]], m: int) -> list[list[int]]:

@@ -1,0 +1,30 @@
+"""Launch a script on two CPU processes with ``accelerate launch``, as users run multi-process training.
+
+``accelerate launch --cpu`` would start a single process (accelerate's simple launcher); ``--multi_gpu`` goes
+through torch.distributed.run, and with ``ACCELERATE_USE_CPU`` the Trainer's Accelerator uses gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+
+def accelerate_launch(
+    script_and_args: Sequence[str], *, port: int, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "FUSELAB_PROGRESS": "0",
+        **(env or {}),
+    }
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), *map(str, script_and_args),
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
