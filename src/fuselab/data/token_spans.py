@@ -53,6 +53,7 @@ class Vocabulary:
     special: frozenset[int]  # added/special tokens: matched verbatim, never given a phantom space
     unk_id: int | None
     name: str
+    prefix_ids: tuple[int, ...] = ()  # leading special tokens the tokenizer adds to every text (BOS)
 
     def __len__(self) -> int:
         return len(self.surfaces)
@@ -101,10 +102,24 @@ def vocabulary(tokenizer: Any) -> Vocabulary:
         special=special,
         unk_id=tokenizer.unk_token_id,
         name=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        prefix_ids=_added_prefix(tokenizer),
     )
     with contextlib.suppress(AttributeError):
         tokenizer._fuselab_vocabulary = vocab
     return vocab
+
+
+def _added_prefix(tokenizer: Any) -> tuple[int, ...]:
+    """The tokens the tokenizer's post-processor puts before every text (BOS), found once on a probe text.
+
+    Tokens it appends (EOS) are not wanted after a rendered conversation and are ignored.
+    """
+    probe = "fuselab probe"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
+        return tuple(full[: len(full) - len(plain)])
+    return ()
 
 
 @dataclass(frozen=True)
@@ -128,13 +143,7 @@ def encode_with_spans(tokenizer: Any, text: str, *, add_bos: bool = True) -> Tok
     """
     vocab = vocabulary(tokenizer)
     plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    prefix: list[int] = []
-    if add_bos:
-        full = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-        if len(full) > len(plain) and full[len(full) - len(plain) :] == plain:
-            prefix = full[: len(full) - len(plain)]
-        elif full[: len(plain)] == plain:
-            prefix = []  # only suffix tokens (EOS) added: not wanted after a rendered conversation
+    prefix = list(vocab.prefix_ids) if add_bos else []
     data = text.encode("utf-8")
     starts, ends = _walk(vocab, plain, data)
     n = len(prefix)

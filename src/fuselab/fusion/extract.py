@@ -100,8 +100,11 @@ def extract(
     *,
     label: str = "",
     show_progress: bool = True,
+    encoded: Sequence[Encoded] | None = None,
 ) -> ExtractSummary:
-    """Run (or resume) extraction of ``texts`` under the model in ``model_path`` into ``store_dir``."""
+    """Run (or resume) extraction of ``texts`` under the model in ``model_path`` into ``store_dir``.
+
+    ``encoded``: the texts already tokenised with this model's tokenizer (saves tokenising them again)."""
     from fuselab.modeling.tokenizers import load_tokenizer
 
     if settings.k < 1:
@@ -110,8 +113,9 @@ def extract(
         raise ConfigError(f"temperature must be positive, got {settings.temperature}")
     start = time.perf_counter()
     model_path = Path(model_path)
-    tokenizer = load_tokenizer(model_path)
-    encoded = [encode(tokenizer, t) for t in texts]
+    if encoded is None:
+        tokenizer = load_tokenizer(model_path)
+        encoded = [encode(tokenizer, t) for t in texts]
     writer = TopKStoreWriter(store_dir, {**settings.store_meta(), "examples": len(texts)})
     shards = plan_shards(encoded, settings.shard_tokens)
     todo = [(n, s) for n, s in enumerate(shards) if not writer.has_shard(f"shard-{n:05d}")]

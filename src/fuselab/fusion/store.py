@@ -149,9 +149,3 @@ class TopKStore:
         arrays = self._shards[s]
         a, b = int(arrays["offsets"][row]), int(arrays["offsets"][row + 1])
         return ExampleTopK(ids=arrays["ids"][a:b], logp=arrays["logp"][a:b], gold_nll=arrays["gold_nll"][a:b])
-
-    def tokens(self) -> int:
-        return sum(int(s["tokens"]) for s in self.manifest["shards"])
-
-    def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self.root.rglob("*.npy"))

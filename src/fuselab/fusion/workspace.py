@@ -120,6 +120,8 @@ class Workspace:
         self._tokenizers: dict[str, Any] = {}
         self._texts: list[RenderedText] | None = None
         self._encoded: dict[str, list[Encoded]] = {}
+        self._fingerprints: dict[str, str] = {}
+        self._texts_key: str | None = None
 
     # -- models ------------------------------------------------------------------------------------------
     def tokenizer(self, name: str):
@@ -130,9 +132,12 @@ class Workspace:
         return self._tokenizers[name]
 
     def fingerprint(self, name: str) -> str:
+        """Read once per model: it hashes config, tokenizer and the edges of every weight file."""
         from fuselab.modeling.fingerprint import model_fingerprint
 
-        return model_fingerprint(self.paths[name])
+        if name not in self._fingerprints:
+            self._fingerprints[name] = model_fingerprint(self.paths[name])
+        return self._fingerprints[name]
 
     # -- texts -------------------------------------------------------------------------------------------
     def texts(self) -> list[RenderedText]:
@@ -188,7 +193,9 @@ class Workspace:
 
     def store_dir(self, name: str) -> Path:
         s = self.extract_settings()
-        key = _h(self.fingerprint(name), texts_fingerprint(self.texts()), s.store_meta())
+        if self._texts_key is None:
+            self._texts_key = texts_fingerprint(self.texts())
+        key = _h(self.fingerprint(name), self._texts_key, s.store_meta())
         return self.workdir / "topk" / f"{name}-{key}"
 
     def extract(self, names: list[str] | None = None) -> dict[str, Any]:
@@ -209,6 +216,7 @@ class Workspace:
                 self.extract_settings(),
                 label=name,
                 show_progress=self.show_progress,
+                encoded=self.encoded(name),
             )
         return out
 

@@ -81,10 +81,6 @@ def _surface_index(pivot: Vocabulary) -> dict[bytes, int]:
     return index
 
 
-def _special_content(v: Vocabulary, i: int) -> bytes:
-    return v.surfaces[i]
-
-
 @register_vocab_mapping("exact")
 def _exact(source: Vocabulary, pivot: Vocabulary, needed: np.ndarray, pair_counts=None) -> np.ndarray:
     index = _surface_index(pivot)
