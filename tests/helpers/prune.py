@@ -104,3 +104,31 @@ def brute_force_search(model, chunks, num_steps: int, unit: str = "block", layer
         order.append(best[0])
         removed += best[1]
     return order
+
+
+def planted_model(seed: int = 0, harmful=(("mlp", 1), ("attn", 2)), gain: float = 1.0):
+    """A 4-layer Llama that predicts its input token (unit-scale tied embeddings, tiny blocks) except for the
+    ``harmful`` blocks, which write large noise into the residual stream. On chunks of one repeated token,
+    removing a harmful block lowers the NLL a lot and every other candidate stays far worse: the score spread
+    a real model has, in which the fast search abandons candidates early."""
+    model = random_model(llama_config(), seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1, generator=g)
+        model.model.norm.weight.fill_(1.0)
+        for kind, i in harmful:
+            layer = model.model.layers[i]
+            if kind == "mlp":
+                layer.post_attention_layernorm.weight.fill_(1.0)
+                lins = (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+            else:
+                layer.input_layernorm.weight.fill_(1.0)
+                lins = (layer.self_attn.v_proj, layer.self_attn.o_proj)
+            for lin in lins:
+                lin.weight.normal_(0, gain / lin.weight.shape[1] ** 0.5, generator=g)
+    return model
+
+
+def repeated_token_chunks(n: int = 8, length: int = 12, seed: int = 1) -> torch.Tensor:
+    """``n`` chunks, each one random token repeated ``length`` times (for :func:`planted_model`)."""
+    return torch.randint(3, 300, (n, 1), generator=torch.Generator().manual_seed(seed)).repeat(1, length)

@@ -26,14 +26,44 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser(
         "prune-eval",
-        help="perplexity of a model (stock or pruned by fuselab) on local text",
-        description="Perplexity as BlockPruner reports it: text joined, cut into SEQLEN chunks, remainder dropped.",
+        help="perplexity on local text and lm-eval zero-shot tasks of a model (stock or pruned by fuselab)",
+        description=(
+            "Perplexity as BlockPruner reports it (text joined, cut into SEQLEN chunks, remainder dropped) "
+            "and/or zero-shot lm-evaluation-harness tasks from local task files (optional extra: "
+            "pip install 'fuselab[lmeval]'). fuselab's bundled tasks: fuselab_chat_reply, fuselab_code_body "
+            "(tag fuselab_zero_shot); add your own task folders with --include-path."
+        ),
     )
     e.add_argument("model", help="checkpoint folder (stock, or written by `fuselab prune`) or catalog name")
-    e.add_argument("--data", nargs="+", required=True, help=".txt/.json/.jsonl files or bundled:NAME")
-    e.add_argument("--seqlen", type=int, default=2048, help="tokens per chunk (default 2048)")
+    e.add_argument(
+        "--data", nargs="+", default=None, help=".txt/.json/.jsonl files or bundled:NAME (perplexity)"
+    )
+    e.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity chunk (default 2048)")
     e.add_argument("--max-chunks", type=int, default=None, help="use at most this many chunks")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    e.add_argument(
+        "--lm-eval",
+        metavar="TASK[,TASK]",
+        default=None,
+        help="lm-eval tasks or tags to run zero-shot, comma-separated (e.g. fuselab_zero_shot)",
+    )
+    e.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of lm-eval task YAMLs with local data (repeatable)",
+    )
+    e.add_argument(
+        "--lm-eval-builtin",
+        action="store_true",
+        help="also offer lm-eval's own tasks (piqa, arc_easy, ...; their data come from the hub or its cache)",
+    )
+    e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1, as the paper)")
+    e.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many items per task")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default 0)")
+    e.add_argument("--json", default=None, metavar="FILE", help="also write all figures to this JSON file")
     e.set_defaults(handler=_run_eval)
 
 
@@ -53,11 +83,61 @@ def _run_prune(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from fuselab.utils.errors import ConfigError
+
+    if not args.data and not args.lm_eval:
+        raise ConfigError(
+            "nothing to evaluate: give --data FILE... (perplexity) and/or --lm-eval TASK[,TASK]"
+        )
+    tasks = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
+    if args.lm_eval is not None and not tasks:
+        raise ConfigError("--lm-eval needs at least one task name")
+    if tasks:
+        from fuselab.evaluate.harness import require_lm_eval
+
+        require_lm_eval()  # fail before loading the model
+
     import torch
 
-    from fuselab.prune.evaluate import evaluate_path
+    from fuselab.modeling.resolve import resolve_model
+    from fuselab.modeling.tokenizers import load_tokenizer
+    from fuselab.prune.loading import load_pruned_model
+    from fuselab.utils.atomic import atomic_write_json
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    r = evaluate_path(args.model, args.data, args.seqlen, args.max_chunks, dtype)
-    print(f"perplexity {r.ppl:.4f} (NLL {r.nll:.2f} over {r.tokens} tokens, {r.chunks} chunks of {r.seqlen})")
+    path = resolve_model(args.model)
+    model = load_pruned_model(path, dtype=dtype).to(args.device)
+    tokenizer = load_tokenizer(path)
+    report: dict = {"model": str(path), "dtype": args.dtype}
+    if args.data:
+        from fuselab.prune.evaluate import file_perplexity
+
+        r = file_perplexity(model, tokenizer, args.data, args.seqlen, args.max_chunks)
+        print(
+            f"perplexity {r.ppl:.4f} (NLL {r.nll:.2f} over {r.tokens} tokens, {r.chunks} chunks of {r.seqlen})"
+        )
+        report["perplexity"] = {"data": args.data, **vars(r)}
+    if tasks:
+        from fuselab.evaluate.harness import run_lm_eval
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        h = run_lm_eval(
+            model,
+            tokenizer,
+            tasks,
+            args.include_path,
+            builtin=args.lm_eval_builtin,
+            batch_size=args.batch_size,
+            limit=limit,
+            num_fewshot=args.num_fewshot,
+        )
+        print(
+            f"lm-eval {h.lm_eval_version}, zero-shot"
+            if not args.num_fewshot
+            else f"lm-eval {h.lm_eval_version}"
+        )
+        print(h.table())
+        report["lm_eval"] = h.to_dict()
+    if args.json:
+        atomic_write_json(args.json, report)
     return 0

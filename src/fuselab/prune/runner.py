@@ -56,6 +56,7 @@ class CalibrationRunner:
         # cache[layer][batch]: the input of ``layer`` for micro-batch ``batch`` in the current model
         self.cache: list[list[torch.Tensor | None]] = [[None] * len(self.batches) for _ in self.layers]
         self.forward_layers = 0  # decoder-layer forwards done (for reports)
+        self.batches_run = 0  # micro-batch forwards done (for reports)
 
     @contextlib.contextmanager
     def _start_at(self, start: int, batch: int, record_from: int | None) -> Iterator[None]:
@@ -100,6 +101,7 @@ class CalibrationRunner:
         with torch.inference_mode(), self._start_at(start, batch, record_from):
             logits = self.model(input_ids=ids, use_cache=False).logits
         self.forward_layers += len(self.layers) - start
+        self.batches_run += 1
         return nll_sum(logits, ids)
 
     def iter_nll(self, start: int = 0) -> Iterator[float]:

@@ -10,11 +10,11 @@ layer index, then every MLP block), because the reference keeps the first strict
 
 1. layer-input caching: a candidate in layer ``i`` runs from layer ``i`` (see :mod:`fuselab.prune.runner`,
    whose cached and plain paths give bitwise-equal scores);
-2. early abandoning: a candidate's running NLL sum is a lower bound of its total (token NLLs are >= 0), so as
-   soon as it exceeds the best complete total of the round, or equals it while the best comes earlier in the
-   tie order, the candidate cannot win and is dropped;
-3. candidates are tried best-first (by the previous round's scores) so that the bound is tight early.
-   The order only changes speed, never the result: the winner is the minimum of (total, tie order).
+2. early abandoning as an exact best-first race over micro-batches (:func:`race`): a candidate's running NLL
+   sum is a lower bound of its total (token NLLs are >= 0), and the candidate with the least running sum is
+   always the one advanced, so every candidate stops as soon as its running sum passes the winner's total,
+   whatever order the candidates come in; the winner is the minimum of (total, tie order), as in the plain
+   search.
 
 After each round the winner's model is rescored while the cache is refreshed; the score must equal the
 winner's bitwise, which checks at run time that cached and uncached computations agree.
@@ -22,6 +22,7 @@ winner's bitwise, which checks at run time that cached and uncached computations
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import time
@@ -127,6 +128,49 @@ def _beats(total: float, cand: Candidate, best_total: float, best: Candidate | N
     return total < best_total or (total == best_total and cand.order < best.order)
 
 
+def race(
+    candidates: Sequence[Candidate], num_batches: int, batch_nll: Callable[[Candidate, int], float]
+) -> tuple[Candidate, float, dict[str, float | None], int]:
+    """Exact best-first race: the candidate of least (total NLL, tie order), computing as few batches as the
+    lower bound allows.
+
+    Each candidate's running sum over its first ``k`` micro-batches (added in batch order, exactly as a plain
+    score adds them) is a lower bound of its total, because every micro-batch NLL is >= 0 and adding a
+    non-negative float never lowers a float sum. A heap keyed by (running sum, tie order) always advances the
+    candidate with the least key by one micro-batch; the first *complete* candidate popped has total ``T``
+    and every other key is > (T, its order), so every other candidate's total is > T, or = T with a later tie
+    order: it is the plain search's winner. A candidate is thus computed only until its running sum passes
+    ``T``, whatever order the candidates come in (no need to guess good candidates first, unlike a
+    sequential scan with a best-so-far bound, which reaches the same work only when the winner comes first).
+
+    ``batch_nll(cand, b)`` is the NLL sum of micro-batch ``b`` with ``cand`` removed. Returns (winner, its
+    total, complete totals by name (None: not complete), number of candidates not computed to the end).
+    """
+    if not candidates:
+        raise ValueError("no candidates")
+    heap: list[tuple[float, int, int, int]] = [(0.0, c.order, 0, k) for k, c in enumerate(candidates)]
+    heapq.heapify(heap)
+    while True:
+        partial, order, done, k = heapq.heappop(heap)
+        if done == num_batches:
+            break
+        value = batch_nll(candidates[k], done)
+        if not value >= 0:  # NaN, or a negative NLL that would void the lower bound
+            if value != value:
+                value = math.inf
+            else:
+                raise RuntimeError(f"{candidates[k].name}: micro-batch {done} gave a negative NLL {value!r}")
+        heapq.heappush(heap, (partial + value, order, done + 1, k))
+    winner = candidates[k]
+    scores: dict[str, float | None] = {c.name: None for c in candidates}
+    scores[winner.name] = partial
+    for p, _, d, j in heap:
+        if d == num_batches:
+            scores[candidates[j].name] = p
+    abandoned = sum(v is None for v in scores.values())
+    return winner, partial, scores, abandoned
+
+
 def score_round(
     runner: CalibrationRunner,
     masker: BlockMasker,
@@ -135,42 +179,39 @@ def score_round(
     previous: dict[str, float | None] | None = None,
     show_progress: bool = True,
 ) -> tuple[Candidate, float, dict[str, float | None], int]:
-    """Score every remaining candidate; return (winner, its total NLL, scores, number abandoned)."""
+    """Score the remaining candidates; return (winner, its total NLL, scores, number abandoned).
+
+    Plain: every candidate in full, from layer 0, in tie order (the paper's loop). Fast: :func:`race` over
+    micro-batches, each candidate run from its first layer on cached inputs. ``previous`` (last round's
+    scores) is accepted for compatibility; the race does not need an order.
+    """
     if fast:
-        prev = previous or {}
+        bar = _bar(None, show_progress, desc="micro-batches", total=len(remaining) * len(runner.batches))
 
-        def key(c: Candidate) -> tuple:
-            score = prev.get(c.name)
-            if c.name in prev and score is not None:
-                return (0, score, c.order)
-            if c.name in prev:
-                return (1, 0.0, c.order)
-            return (2, -c.start_layer, c.order)  # first round: deep candidates are cheap and often good
+        def batch_nll(cand: Candidate, b: int) -> float:
+            with masker.also_removed(cand.blocks):
+                value = runner.batch_nll(b, cand.start_layer)
+            bar.update(1)
+            return value
 
-        remaining = sorted(remaining, key=key)
+        try:
+            return race(remaining, len(runner.batches), batch_nll)
+        finally:
+            bar.close()
     best: Candidate | None = None
     best_total = math.inf
     scores: dict[str, float | None] = {}
-    abandoned = 0
     for cand in _bar(remaining, show_progress, desc="candidates"):
         total = 0.0
-        complete = True
         with masker.also_removed(cand.blocks):
-            for nll in runner.iter_nll(cand.start_layer if fast else 0):
+            for nll in runner.iter_nll(0):
                 total += nll
-                if fast and best is not None and not _beats(total, cand, best_total, best):
-                    complete = False
-                    break
-        scores[cand.name] = total if complete else None
-        if not complete:
-            abandoned += 1
-            log.debug("%s abandoned (partial NLL %.4f >= best %.4f)", cand.name, total, best_total)
-            continue
+        scores[cand.name] = total
         log.debug("%s: NLL %.6f", cand.name, total)
         if _beats(total, cand, best_total, best):
             best, best_total = cand, total
     assert best is not None
-    return best, best_total, scores, abandoned
+    return best, best_total, scores, 0
 
 
 def greedy_search(

@@ -1,0 +1,1 @@
+"""Evaluation: held-out NLL on assistant tokens, generation samples, and bridges to external harnesses."""
