@@ -1,6 +1,6 @@
 # fuselab developer entry points. Everything installs into .venv/ at the repository root.
 #
-#   make demo   set up, fetch the real small models and run the built-in job
+#   make demo   set up, fetch the real small models and run the built-in job (fuselab fuse configs/demo.yaml)
 #   make test   set up and run the test suite (CPU only)
 
 PYTHON ?= python3
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.fuselab-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-slow lint format demo bench-merge bench-fusion bench-prune bench-wrpo demo-wrpo clean
+.PHONY: setup test test-slow lint format demo demo-merge bench-fuse bench-merge bench-fusion bench-prune bench-wrpo demo-wrpo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,11 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 demo: setup
-	$(VENV)/bin/fuselab models fetch --all
+	$(VENV)/bin/fuselab models fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct gemma-3-270m
+	$(VENV)/bin/fuselab fuse configs/demo.yaml
+
+demo-merge: setup
+	$(VENV)/bin/fuselab models fetch smollm2-135m-instruct
 	$(PY) examples/merge_demo.py
 
 bench-merge: setup
@@ -55,7 +59,11 @@ demo-wrpo: setup
 	OMP_NUM_THREADS=1 $(PY) examples/wrpo_demo.py
 
 bench-prune: setup
-	$(PY) benchmarks/prune_search.py --threads 1 --plain-rounds 2
+	$(PY) -m pip install -q -e ".[lmeval]"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/prune_search.py --threads 1 --plain-rounds 2 --lm-eval
+
+bench-fuse: setup
+	$(PY) benchmarks/fuse_pipeline.py --recipe configs/demo.yaml
 
 bench-fusion: setup
 	$(PY) benchmarks/fusion_align.py

@@ -1,6 +1,6 @@
 """Merge demo: fine-tune two task variants of a real model, merge them with fuselab, compare held-out NLL.
 
-Run from the repository root (``make demo`` does, after ``fuselab models fetch --all``)::
+Run from the repository root (``make demo-merge`` does, after fetching SmolLM2)::
 
     .venv/bin/python examples/merge_demo.py
 

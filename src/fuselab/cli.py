@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "fuselab.fusion.commands",
     "fuselab.wrpo.commands",
     "fuselab.prune.commands",
+    "fuselab.pipelines.commands",
 )
 
 

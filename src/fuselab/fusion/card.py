@@ -32,10 +32,19 @@ def write_card(
         "---",
         f"# {meta['target']}",
         "",
-        f"Trained with [fuselab](https://github.com/) {__version__} by explicit knowledge fusion (FuseLLM / FuseChat):",
-        f"the pivot `{meta['pivot']}` learned from the per-token distributions of "
-        + ", ".join(f"`{s}`" for s in meta["sources"])
-        + f" ({meta['fuse']['mode']} mode) with loss λ·CLM + (1−λ)·{cfg.loss.upper()}, λ = {cfg.lam}.",
+        *(
+            [
+                f"Trained with [fuselab](https://github.com/) {__version__}: an SFT baseline of `{meta['pivot']}`",
+                "(CLM loss only, λ = 1) on the same tokens and steps as the fused targets; no source distributions.",
+            ]
+            if cfg.lam >= 1.0
+            else [
+                f"Trained with [fuselab](https://github.com/) {__version__} by explicit knowledge fusion (FuseLLM / FuseChat):",
+                f"the pivot `{meta['pivot']}` learned from the per-token distributions of "
+                + ", ".join(f"`{s}`" for s in meta["sources"])
+                + f" ({meta['fuse']['mode']} mode) with loss λ·CLM + (1−λ)·{cfg.loss.upper()}, λ = {cfg.lam}.",
+            ]
+        ),
         "",
         "| setting | value |",
         "|---|---|",

@@ -15,10 +15,23 @@ from pydantic import Field, field_validator, model_validator
 from fuselab.utils.config import StrictModel, load_config
 
 
+class DataFile(StrictModel):
+    """One conversation file with its own row limit (``{path: bundled:chat.train, limit: 100}``)."""
+
+    path: str = Field(
+        description="file/folder (JSON, JSONL, Parquet, datasets folder) or bundled:<domain>.<split>"
+    )
+    limit: int | None = Field(None, ge=1, description="use only the first N conversations of this file")
+
+
+DataItem = str | DataFile
+
+
 class DataConfig(StrictModel):
-    train: list[str] = Field(
+    train: list[DataItem] = Field(
         min_length=1,
-        description="conversation files/folders (JSON, JSONL, Parquet, datasets folder) or bundled:<domain>.<split>",
+        description="conversation files/folders (JSON, JSONL, Parquet, datasets folder) or bundled:<domain>.<split>; "
+        "an item may be {path: ..., limit: N}",
     )
     max_length: int = Field(
         1024, ge=16, description="tokens per text, for every tokenizer (longer ones are split)"
@@ -105,6 +118,10 @@ class TrainConfig(StrictModel):
     save_total_limit: int | None = 2
     bf16: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool = False
+    group_by_length: bool = Field(
+        False,
+        description="batch examples of similar length (less padding; transformers' LengthGroupedSampler)",
+    )
     log_example_ids: bool = Field(
         False, description="write the example ids each process trained on (diagnostics)"
     )

@@ -154,6 +154,7 @@ def training_arguments(cfg: TrainConfig, work: Path, *, show_progress: bool, dev
         save_total_limit=cfg.save_total_limit,
         bf16=bool(bf16),
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=not show_progress,
@@ -172,8 +173,12 @@ def train(
     resolved_recipe: dict[str, Any] | None = None,
     force: bool = False,
     show_progress: bool = True,
+    meta_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train the pivot on the fused targets in ``targets_dir``; write an HF checkpoint to ``out_dir``."""
+    """Train the pivot on the fused targets in ``targets_dir``; write an HF checkpoint to ``out_dir``.
+
+    ``meta_overrides`` replaces entries of the targets' metadata in the model card (e.g. the name of an
+    SFT baseline trained with λ = 1 on the same tokens)."""
     from transformers import AutoModelForCausalLM
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -224,7 +229,7 @@ def train(
             (tmp / "training_log.json").write_text(json.dumps(summary, indent=2))
             for f in work.glob("examples_seen.rank*.txt"):
                 shutil.copy(f, tmp / f.name)
-            write_card(tmp, targets.meta, cfg, summary, resolved_recipe)
+            write_card(tmp, {**targets.meta, **(meta_overrides or {})}, cfg, summary, resolved_recipe)
         if os.environ.get("FUSELAB_KEEP_CHECKPOINTS") != "1":
             shutil.rmtree(work, ignore_errors=True)
     if trainer.accelerator.num_processes > 1:

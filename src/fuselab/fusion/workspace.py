@@ -40,17 +40,26 @@ def default_name(ref: str) -> str:
     return Path(ref.rstrip("/")).name or ref
 
 
-def load_training_conversations(recipe: FusionRecipe, report=None):
+def load_data_items(items, on_bad_rows: str = "error", report=None) -> list:
+    """Conversations of recipe data items: paths, ``bundled:<domain>.<split>`` or ``{path, limit}``."""
     from fuselab.data.bundled import bundled_path
     from fuselab.data.conversations import load_conversations
+    from fuselab.fusion.config import DataFile
 
-    paths = []
-    for item in recipe.data.train:
-        if item.startswith("bundled:"):
-            paths.append(bundled_path(item.removeprefix("bundled:") + ".jsonl"))
+    convs = []
+    for item in items:
+        spec = item if isinstance(item, DataFile) else DataFile(path=item)
+        if spec.path.startswith("bundled:"):
+            path = bundled_path(spec.path.removeprefix("bundled:") + ".jsonl")
         else:
-            paths.append(Path(item))
-    convs = load_conversations(paths, on_error=recipe.data.on_bad_rows, report=report)
+            path = Path(spec.path)
+        rows = load_conversations([path], on_error=on_bad_rows, report=report)
+        convs.extend(rows[: spec.limit] if spec.limit else rows)
+    return convs
+
+
+def load_training_conversations(recipe: FusionRecipe, report=None):
+    convs = load_data_items(recipe.data.train, recipe.data.on_bad_rows, report)
     return convs[: recipe.data.limit] if recipe.data.limit else convs
 
 
@@ -101,12 +110,23 @@ class FusedTargets:
 class Workspace:
     """Runs and caches the stages of one recipe."""
 
-    def __init__(self, recipe: FusionRecipe, workdir: str | Path, *, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        recipe: FusionRecipe,
+        workdir: str | Path,
+        *,
+        show_progress: bool = True,
+        persist: bool = True,
+        resolved: dict[str, Path] | None = None,
+    ) -> None:
+        """``persist=False`` computes keys without writing anything (``fuselab fuse --dry-run``);
+        ``resolved`` maps model references to folders already resolved (nothing is fetched for them)."""
         from fuselab.modeling.resolve import resolve_model
 
         self.recipe = recipe
         self.workdir = Path(workdir)
         self.show_progress = show_progress
+        self.persist = persist
         names = dict(recipe.names or {})
         refs = [recipe.pivot, *recipe.sources]
         self.names = [names.get(r, default_name(r)) for r in refs]
@@ -114,7 +134,9 @@ class Workspace:
             raise ConfigError(
                 f"two models share the name {self.names}; give them distinct names under `names:`"
             )
-        self.paths = {n: resolve_model(r) for n, r in zip(self.names, refs)}
+        self.refs = dict(zip(self.names, refs))
+        resolved = resolved or {}
+        self.paths = {n: resolved.get(r) or resolve_model(r) for n, r in zip(self.names, refs)}
         self.pivot = self.names[0]
         self.sources = self.names[1:]
         self._tokenizers: dict[str, Any] = {}
@@ -174,8 +196,11 @@ class Workspace:
             convs, template_tok, [self.tokenizer(n) for n in self.names], self.recipe.data.max_length, split
         )
         log.info("data: %s; %s", report.summary(), split.summary())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, "".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in texts))
+        if self.persist:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                path, "".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in texts)
+            )
         self._texts = texts
         return texts
 
@@ -235,7 +260,7 @@ class Workspace:
     def targets_dir(self, target: str) -> Path:
         srcs = self.target_groups()[target]
         key = _h(
-            [str(self.store_dir(n)) for n in [self.pivot, *srcs]],
+            [self.store_dir(n).name for n in [self.pivot, *srcs]],  # names: a moved work folder stays valid
             self.recipe.align.model_dump(),
             self.recipe.fuse.model_dump(),
         )

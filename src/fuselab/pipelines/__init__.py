@@ -1,0 +1,1 @@
+"""End-to-end pipelines: ``fuselab fuse`` runs the FuseChat stages from sources to a fused model and report."""
