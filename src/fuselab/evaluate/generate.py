@@ -32,17 +32,19 @@ def generate_answers(
     max_new_tokens: int = 64,
     fallback_template: Any = None,
     device: str = "cpu",
+    model: Any = None,
 ) -> list[str]:
-    """The greedy answer of the model in ``model_path`` to each user message in ``prompts``."""
+    """The greedy answer of the model in ``model_path`` to each user message in ``prompts``
+    (``model``: that model already loaded)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from fuselab.modeling.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True).to(
-        device
-    )
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, local_files_only=True)
+    model = model.to(device)
     model.eval()
     stops = _stop_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -64,6 +66,7 @@ def generate_answers(
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                use_cache=True,  # a model loaded for scoring has use_cache off in its config
                 eos_token_id=stops,
                 pad_token_id=pad,
             )

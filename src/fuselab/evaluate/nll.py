@@ -46,6 +46,13 @@ class NLLScore:
         return {**asdict(self), "per_token": self.per_token, "per_byte": self.per_byte}
 
 
+def load_scorer(model_path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> Any:
+    """The extraction forward of the model in ``model_path`` (its ``.model`` is the loaded causal LM)."""
+    from fuselab.fusion.extract import ExtractSettings, TransformersTopK
+
+    return TransformersTopK(Path(model_path), ExtractSettings(k=1, device=device, dtype=dtype))
+
+
 def assistant_nll(
     model_path: str | Path,
     texts: Sequence[RenderedText],
@@ -55,18 +62,21 @@ def assistant_nll(
     dtype: str = "float32",
     label: str = "",
     show_progress: bool = True,
+    scorer: Any = None,
 ) -> NLLScore:
-    """NLL of the assistant tokens of ``texts`` under the causal LM in ``model_path``."""
+    """NLL of the assistant tokens of ``texts`` under the causal LM in ``model_path``.
+
+    ``scorer``: a :func:`load_scorer` of that model, to share one loaded model between several calls."""
     import torch
 
-    from fuselab.fusion.extract import ExtractSettings, TransformersTopK, token_batches
+    from fuselab.fusion.extract import token_batches
     from fuselab.modeling.tokenizers import load_tokenizer
     from fuselab.utils.progress import progress
 
     model_path = Path(model_path)
     tokenizer = load_tokenizer(model_path)
     encoded = [encode(tokenizer, t) for t in texts]
-    runner = TransformersTopK(model_path, ExtractSettings(k=1, device=device, dtype=dtype))
+    runner = scorer or load_scorer(model_path, device=device, dtype=dtype)
     lengths = [len(e.ids) for e in encoded]
     order = sorted(range(len(encoded)), key=lambda i: (lengths[i], i))
     total = 0.0
@@ -79,30 +89,11 @@ def assistant_nll(
         **kw,
     )
     for batch in token_batches(order, lengths, batch_tokens):
-        rows = [encoded[i] for i in batch]
-        width = max(len(e.ids) for e in rows)
-        ids = torch.full((len(rows), width), runner.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, e in enumerate(rows):
-            ids[r, : len(e.ids)] = torch.from_numpy(e.ids)
-            mask[r, : len(e.ids)] = 1
-        ids, mask = ids.to(runner.device), mask.to(runner.device)
-        pos = [torch.from_numpy(e.predicting_positions()).long() for e in rows]
-        row_index = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, p in enumerate(pos)])
-        pos_index = torch.cat(pos)
-        if len(pos_index) == 0:
-            continue
-        row_index, pos_index = row_index.to(runner.device), pos_index.to(runner.device)
         with torch.inference_mode():
-            hidden = runner.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            states = hidden[row_index, pos_index]
-            gold = ids[row_index, pos_index + 1]
-            if not runner._checked:
-                runner._check_head(ids[:1], mask[:1], pos_index[row_index == 0], states[row_index == 0])
+            states, gold, _ = runner.scored_states([encoded[i] for i in batch])
             for a in range(0, len(gold), 1024):
                 logits = runner.head_logits(states[a : a + 1024])
-                nll = torch.nn.functional.cross_entropy(logits, gold[a : a + 1024], reduction="sum")
-                total += float(nll)
+                total += float(torch.nn.functional.cross_entropy(logits, gold[a : a + 1024], reduction="sum"))
         tokens += len(gold)
         bar.update(len(gold))
     bar.close()

@@ -211,7 +211,10 @@ class TransformersTopK:
             logits = self.softcap * (logits / self.softcap).tanh()
         return logits
 
-    def __call__(self, batch: Sequence[Encoded]) -> list[ExampleTopK]:
+    def scored_states(self, batch: Sequence[Encoded]):
+        """One decoder pass over a right-padded batch: the final hidden states at the predicting positions
+        (row-major, as :meth:`Encoded.predicting_positions` lists them) and the gold next tokens there.
+        Call under ``torch.inference_mode()``. Checks the LM head against the model's own logits once."""
         import torch
 
         width = max(len(e.ids) for e in batch)
@@ -221,18 +224,22 @@ class TransformersTopK:
             ids[r, : len(e.ids)] = torch.from_numpy(e.ids)
             mask[r, : len(e.ids)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        rows_pos = [torch.from_numpy(e.predicting_positions()) for e in batch]
+        row_index = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, p in enumerate(rows_pos)])
+        pos_index = torch.cat(rows_pos).long()
+        row_index, pos_index = row_index.to(self.device), pos_index.to(self.device)
+        states = hidden[row_index, pos_index]
+        gold = ids[row_index, pos_index + 1]
+        if not self._checked:
+            self._check_head(ids[:1], mask[:1], pos_index[row_index == 0], states[row_index == 0])
+        return states, gold, [len(p) for p in rows_pos]
+
+    def __call__(self, batch: Sequence[Encoded]) -> list[ExampleTopK]:
+        import torch
+
         with torch.inference_mode():
-            hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            rows_pos = [torch.from_numpy(e.predicting_positions()) for e in batch]
-            row_index = torch.cat(
-                [torch.full((len(p),), r, dtype=torch.long) for r, p in enumerate(rows_pos)]
-            )
-            pos_index = torch.cat(rows_pos).long()
-            row_index, pos_index = row_index.to(self.device), pos_index.to(self.device)
-            states = hidden[row_index, pos_index]
-            gold = ids[row_index, pos_index + 1]
-            if not self._checked:
-                self._check_head(ids[:1], mask[:1], pos_index[row_index == 0], states[row_index == 0])
+            states, gold, counts = self.scored_states(batch)
             k, temp = self.settings.k, self.settings.temperature
             out_ids, out_logp, out_nll = [], [], []
             for a in range(0, len(gold), self.settings.chunk_positions):
@@ -254,8 +261,8 @@ class TransformersTopK:
         _check_finite(all_logp, all_nll)
         result = []
         a = 0
-        for p in rows_pos:
-            b = a + len(p)
+        for n in counts:
+            b = a + n
             result.append(
                 ExampleTopK(
                     ids=all_ids[a:b],

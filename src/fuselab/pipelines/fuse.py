@@ -417,7 +417,7 @@ class FusePipeline:
 
     def _run_evaluate(self) -> tuple[list[str], list[str]]:
         from fuselab.evaluate.generate import generate_answers
-        from fuselab.evaluate.nll import assistant_nll
+        from fuselab.evaluate.nll import assistant_nll, load_scorer
 
         ev = self.recipe.evaluate
         ran, skipped = [], []
@@ -427,15 +427,15 @@ class FusePipeline:
                 skipped.append(name)
                 continue
             t0 = time.perf_counter()
+            scorer = load_scorer(folder, device=ev.device, dtype=ev.dtype)  # one load for NLL and answers
             scores = {
                 domain: assistant_nll(
                     folder,
                     texts,
                     batch_tokens=ev.batch_tokens,
-                    device=ev.device,
-                    dtype=ev.dtype,
                     label=f"{name} {domain}",
                     show_progress=self.show_progress,
+                    scorer=scorer,
                 ).to_json()
                 for domain, texts in self.heldout().items()
             }
@@ -446,10 +446,12 @@ class FusePipeline:
                     max_new_tokens=ev.max_new_tokens,
                     fallback_template=self.ws.tokenizer(self.pivot),
                     device=ev.device,
+                    model=scorer.model if ev.dtype == "float32" else None,
                 )
                 if ev.prompts
                 else []
             )
+            del scorer
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(
                 path,
