@@ -223,15 +223,17 @@ class Workspace:
         key = _h(self.fingerprint(name), self._texts_key, s.store_meta())
         return self.workdir / "topk" / f"{name}-{key}"
 
+    def is_extracted(self, name: str) -> bool:
+        manifest = self.store_dir(name) / "manifest.json"
+        return manifest.exists() and bool(json.loads(manifest.read_text()).get("complete"))
+
     def extract(self, names: list[str] | None = None) -> dict[str, Any]:
         from fuselab.fusion.extract import extract
 
         out = {}
         for name in names or self.names:
             directory = self.store_dir(name)
-            if (directory / "manifest.json").exists() and json.loads(
-                (directory / "manifest.json").read_text()
-            ).get("complete"):
+            if self.is_extracted(name):
                 out[name] = None
                 continue
             out[name] = extract(

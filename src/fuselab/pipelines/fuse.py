@@ -202,11 +202,10 @@ class FusePipeline:
 
     # -- plan --------------------------------------------------------------------------------------------
     def plan(self) -> list[PlanItem]:
+        from fuselab.data.render import encode
         from fuselab.pipelines import estimate as est
 
-        rate = est.flops_per_second(
-            self.recipe.extract.device if self.recipe.extract.device != "cpu" else "cpu"
-        )
+        rate = est.flops_per_second(self.recipe.extract.device)
         cost = {n: est.model_cost(p) for n, p in self.ws.paths.items()}
         items: list[PlanItem] = []
         k = self.recipe.extract.k
@@ -214,16 +213,12 @@ class FusePipeline:
         tokens = {n: sum(len(e.ids) for e in enc[n]) for n in self.ws.names}
         scored = {n: sum(len(e.predicting_positions()) for e in enc[n]) for n in self.ws.names}
         for n in self.ws.names:
-            d = self.ws.store_dir(n)
-            done = (d / "manifest.json").exists() and json.loads((d / "manifest.json").read_text()).get(
-                "complete"
-            )
             items.append(
                 PlanItem(
                     "extract",
                     n,
-                    d,
-                    bool(done),
+                    self.ws.store_dir(n),
+                    self.ws.is_extracted(n),
                     est.forward_seconds(cost[n], tokens[n], scored[n], rate),
                     est.store_bytes(scored[n], k),
                 )
@@ -272,20 +267,21 @@ class FusePipeline:
                 )
             )
         ev = self.recipe.evaluate
-        held = self.heldout()
+        held_counts: dict[
+            str, tuple[int, int]
+        ] = {}  # tokenizer's model -> (tokens, scored) of all held-out texts
         for name, (folder, kind) in self.evaluated().items():
-            c = cost[self.pivot] if kind not in ("source",) else cost[name]
-            tok = self.ws.tokenizer(self.pivot if kind != "source" else name)
-            from fuselab.data.render import encode
-
-            secs = 0.0
-            for texts in held.values():
-                e = [encode(tok, t) for t in texts]
-                secs += est.forward_seconds(
-                    c, sum(len(x.ids) for x in e), sum(len(x.predicting_positions()) for x in e), rate
+            reader = name if kind == "source" else self.pivot  # trained models keep the pivot's tokenizer
+            if reader not in held_counts:
+                tok = self.ws.tokenizer(reader)
+                e = [encode(tok, t) for texts in self.heldout().values() for t in texts]
+                held_counts[reader] = (
+                    sum(len(x.ids) for x in e),
+                    sum(len(x.predicting_positions()) for x in e),
                 )
+            c = cost[reader]
+            secs = est.forward_seconds(c, *held_counts[reader], rate) + est.load_seconds(c)
             secs += est.generate_seconds(c, len(ev.prompts) * ev.max_new_tokens, rate)
-            secs += est.load_seconds(c) * (2 if ev.prompts else 1)
             p = self.eval_path(name, folder)
             items.append(PlanItem("evaluate", name, p, p.exists(), secs, 2000))
         stamp = self.output / STAMP
