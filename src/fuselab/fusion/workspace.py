@@ -204,6 +204,12 @@ class Workspace:
         self._texts = texts
         return texts
 
+    def texts_key(self) -> str:
+        """Content hash of the rendered texts, computed once."""
+        if self._texts_key is None:
+            self._texts_key = texts_fingerprint(self.texts())
+        return self._texts_key
+
     def encoded(self, name: str) -> list[Encoded]:
         if name not in self._encoded:
             tok = self.tokenizer(name)
@@ -218,9 +224,7 @@ class Workspace:
 
     def store_dir(self, name: str) -> Path:
         s = self.extract_settings()
-        if self._texts_key is None:
-            self._texts_key = texts_fingerprint(self.texts())
-        key = _h(self.fingerprint(name), self._texts_key, s.store_meta())
+        key = _h(self.fingerprint(name), self.texts_key(), s.store_meta())
         return self.workdir / "topk" / f"{name}-{key}"
 
     def is_extracted(self, name: str) -> bool:

@@ -106,6 +106,7 @@ class FusePipeline:
         )
         self.pivot = self.ws.pivot
         self._heldout: dict[str, list] | None = None
+        self._heldout_key: dict[str, str] | None = None
 
     # -- names and keys ----------------------------------------------------------------------------------
     def target_names(self) -> list[str]:
@@ -115,12 +116,10 @@ class FusePipeline:
         return f"{self.pivot}-sft"
 
     def train_dir(self, target: str) -> Path:
-        from fuselab.data.render import texts_fingerprint
-
         cfg = self.recipe.train.model_dump()
         if target == self.baseline_name():
             cfg["lam"] = 1.0
-            key = _h("sft", self.ws.fingerprint(self.pivot), texts_fingerprint(self.ws.texts()), cfg)
+            key = _h("sft", self.ws.fingerprint(self.pivot), self.ws.texts_key(), cfg)
         else:
             key = _h(self.ws.targets_dir(target).name, self.ws.fingerprint(self.pivot), cfg)
         return self.workdir / "models" / f"{target}-{key}"
@@ -179,13 +178,19 @@ class FusePipeline:
                 )
         return self._heldout
 
-    def eval_path(self, name: str, folder: Path) -> Path:
-        from fuselab.data.render import texts_fingerprint
+    def heldout_key(self) -> dict[str, str]:
+        """Domain -> content hash of its held-out texts, computed once."""
+        if self._heldout_key is None:
+            from fuselab.data.render import texts_fingerprint
 
+            self._heldout_key = {d: texts_fingerprint(t) for d, t in self.heldout().items()}
+        return self._heldout_key
+
+    def eval_path(self, name: str, folder: Path) -> Path:
         ev = self.recipe.evaluate
         key = _h(
             folder.name if str(folder).startswith(str(self.workdir)) else self.ws.fingerprint(name),
-            {d: texts_fingerprint(t) for d, t in self.heldout().items()},
+            self.heldout_key(),
             ev.prompts,
             ev.max_new_tokens,
             ev.dtype,
