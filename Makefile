@@ -2,34 +2,60 @@
 #
 #   make demo   set up, fetch the real small models and run the built-in job (fuselab fuse configs/demo.yaml)
 #   make test   set up and run the test suite (CPU only)
+#
+# Setup installs the committed lock of tested versions (requirements/lock.txt, pip constraints), torch 2.13.0
+# (CPU build) first. `make test-latest` runs the suite against the newest releases pip resolves instead (in
+# .venv-latest); `make lock` does that and, if the suite passes, freezes those versions into the lock.
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fuselab-installed
+LOCK   := requirements/lock.txt
+LATEST := .venv-latest
+TORCH  := torch==2.13.0
+# pytest arguments of test-latest (e.g. make test-latest LATEST_ARGS="-m slow")
+LATEST_ARGS ?= -m "not slow"
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-slow lint format demo demo-merge bench-fuse bench-merge bench-fusion bench-prune bench-wrpo demo-wrpo clean
+.PHONY: setup test test-slow test-latest lock lint format demo demo-merge bench-fuse bench-merge bench-fusion bench-prune bench-wrpo demo-wrpo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
-# torch goes in first, pinned to the CPU build on disk, so nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+# pip itself comes from the lock; torch goes in next, pinned to the CPU build on disk, so nothing later pulls a
+# CUDA build; then fuselab with every dependency (and its build backend) at the locked version.
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c $(LOCK) --build-constraint $(LOCK) -e ".[test]"
 	touch $@
 
 setup: $(STAMP)
 
+# FUSELAB_LOCK_CHECK=error: tests/test_environment.py fails if a locked package is installed at another version.
 test: setup
-	$(VENV)/bin/pytest -m "not slow" -q
+	FUSELAB_LOCK_CHECK=error $(VENV)/bin/pytest -m "not slow" -q
 
 test-slow: setup
-	$(VENV)/bin/pytest -m slow -q
+	FUSELAB_LOCK_CHECK=error $(VENV)/bin/pytest -m slow -q
+
+# The suite against the newest releases pip resolves today, in a fresh .venv-latest (torch stays 2.13.0 CPU).
+# Differences from the lock are listed first and are warnings in the run, not errors.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q $(TORCH)
+	$(LATEST)/bin/python -m pip install -q --upgrade -e ".[test,bench]"
+	$(LATEST)/bin/python scripts/lock.py diff --python $(LATEST)/bin/python
+	FUSELAB_LOCK_CHECK=warn $(LATEST)/bin/pytest $(LATEST_ARGS) -q
+
+# Adopt the newest releases: the lock is rewritten only after the suite passed on them.
+lock: test-latest
+	$(LATEST)/bin/python scripts/lock.py write --python $(LATEST)/bin/python --extras test,bench
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -51,7 +77,7 @@ bench-merge: setup
 	$(PY) benchmarks/merge_vs_mergekit.py
 
 bench-wrpo: setup
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[bench]"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/wrpo_vs_dpo.py
 
 demo-wrpo: setup
@@ -59,7 +85,7 @@ demo-wrpo: setup
 	OMP_NUM_THREADS=1 $(PY) examples/wrpo_demo.py
 
 bench-prune: setup
-	$(PY) -m pip install -q -e ".[lmeval]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[lmeval]"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/prune_search.py --threads 1 --plain-rounds 2 --lm-eval
 
 bench-fuse: setup
@@ -71,4 +97,4 @@ bench-fusion: setup
 	$(PY) benchmarks/fusion_train_step.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) build dist src/*.egg-info .pytest_cache .ruff_cache

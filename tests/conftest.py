@@ -19,6 +19,21 @@ os.environ.setdefault("FUSELAB_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_report_header(config):
+    """The versions that decide most behaviour, and how the environment compares with the committed lock."""
+    import torch
+    import transformers
+
+    from fuselab.utils.lockfile import LOCK_PATH, compare_with_lock, installed_versions, read_lock
+
+    lock = Path(__file__).resolve().parents[1] / LOCK_PATH
+    line = f"fuselab: torch {torch.__version__}, transformers {transformers.__version__}"
+    if lock.is_file():
+        got = compare_with_lock(read_lock(lock), installed_versions())
+        line += f"; {got.matching} packages as in {LOCK_PATH}, {len(got.different)} differ, {len(got.unlocked)} unlocked"
+    return line
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import numpy as np

@@ -13,7 +13,13 @@ from fuselab.prune.blocks import Block, BlockMasker, inspect_blocks
 from fuselab.prune.export import export_pruned
 from fuselab.prune.loading import load_pruned_model
 from helpers.models import save_model
-from helpers.prune import gemma3_config, llama_config, qwen2_config, strong_model
+from helpers.prune import (
+    assert_cached_decoding_is_exact,
+    gemma3_config,
+    llama_config,
+    qwen2_config,
+    strong_model,
+)
 
 
 def _export(tmp_path, config, removed, **kw):
@@ -31,15 +37,7 @@ def _same_logits_and_cached_generation(model, reloaded):
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
-    # one decoding step on the KV cache must give the logits of the full forward (positions come from the
-    # cache: with layer 0's attention removed, its slot must still count the tokens)
-    with torch.no_grad():
-        past = reloaded(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        step = reloaded(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
-        assert torch.allclose(step, reloaded(input_ids=ids).logits[:, -1], atol=1e-5, rtol=0)
-    cached = reloaded.generate(ids[:1], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-    uncached = reloaded.generate(ids[:1], max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(cached, uncached)
+    assert_cached_decoding_is_exact(reloaded, ids[:1])
 
 
 @pytest.mark.parametrize("config_fn", [llama_config, gemma3_config])

@@ -132,3 +132,45 @@ def planted_model(seed: int = 0, harmful=(("mlp", 1), ("attn", 2)), gain: float 
 def repeated_token_chunks(n: int = 8, length: int = 12, seed: int = 1) -> torch.Tensor:
     """``n`` chunks, each one random token repeated ``length`` times (for :func:`planted_model`)."""
     return torch.randint(3, 300, (n, 1), generator=torch.Generator().manual_seed(seed)).repeat(1, length)
+
+
+def assert_cached_decoding_is_exact(model, prompt: torch.Tensor, new_tokens: int = 8) -> None:
+    """Decoding with the KV cache equals decoding without it, on the installed transformers:
+
+    - one step by hand on the cache (positions read from the cache) equals the full forward;
+    - greedy generation of one row with the cache: every step's logits equal the full forward's on the final
+      sequence (no cache at all);
+    - greedy generation of a left-padded batch: logits and tokens equal generation without the cache.
+    """
+    import transformers
+
+    from fuselab.prune.kv_cache import cache_parameter, output_cache, padded_batch
+
+    version = f"transformers {transformers.__version__}"
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        past = output_cache(model(input_ids=prompt[:, :-1], use_cache=True))
+        step = model(input_ids=prompt[:, -1:], use_cache=True, **{cache_parameter(model): past}).logits[:, -1]
+        full = model(input_ids=prompt, use_cache=False).logits[:, -1]
+        assert torch.allclose(step, full, atol=1e-5, rtol=0), f"{version}: one cached step != full forward"
+
+        out = model.generate(prompt, use_cache=True, output_logits=True, return_dict_in_generate=True, **kw)
+        full = model(input_ids=out.sequences, use_cache=False).logits
+        start = prompt.shape[1] - 1
+        for i, logits in enumerate(out.logits):
+            gap = float((logits - full[:, start + i]).abs().max())
+            assert gap <= 1e-5, (
+                f"{version}: cached decoding step {i} differs from the full forward by {gap:.3g}"
+            )
+
+        ids, mask = padded_batch(prompt)
+        runs = [
+            model.generate(
+                ids, attention_mask=mask, use_cache=c, output_logits=True, return_dict_in_generate=True, **kw
+            )
+            for c in (True, False)
+        ]
+        for i, (a, b) in enumerate(zip(runs[0].logits, runs[1].logits)):
+            gap = float((a - b).abs().max())
+            assert gap <= 1e-5, f"{version}: padded batch, cached step {i} differs from uncached by {gap:.3g}"
+        assert torch.equal(runs[0].sequences, runs[1].sequences), f"{version}: cached tokens != uncached"

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fuselab.prune.kv_cache import cache_parameter
 from fuselab.utils.errors import IncompatibleModelsError
 
 KINDS = ("attn", "mlp")
@@ -98,25 +99,43 @@ class ZeroBranch(nn.Module):
     slot when a cache is passed. transformers reads the sequence length (``get_seq_length``) and mask sizes from
     the first attention layer's slot, so without this, removing the attention of layer 0 would shift the
     positions of every generated token. The placeholder is never read by any attention.
+
+    The cache reaches an attention module as a keyword argument whose name changed across transformers releases
+    (``past_key_values`` up to 5.23, ``cache`` from 5.24). :meth:`replacing` reads the name from the replaced
+    module's own ``forward`` signature rather than assuming one, and ``cache_updates`` counts the placeholders
+    written, so :func:`fuselab.prune.kv_cache.check_cache_placeholders` can prove at load time that the cache
+    really arrives (and refuse the model loudly on a release where it does not).
     """
 
-    def __init__(self, kind: str, output: OutputSpec, layer_idx: int | None = None):
+    def __init__(
+        self, kind: str, output: OutputSpec, layer_idx: int | None = None, cache_arg: str | None = None
+    ):
         super().__init__()
         self.kind = kind
         self.output = output
         self.layer_idx = layer_idx
+        self.cache_arg = cache_arg
+        self.cache_updates = 0
+
+    @classmethod
+    def replacing(cls, original: nn.Module, kind: str, output: OutputSpec) -> ZeroBranch:
+        """The stand-in for ``original``; a removed attention keeps its layer index and cache argument name."""
+        if kind != "attn":
+            return cls(kind, output)
+        return cls(kind, output, getattr(original, "layer_idx", None), cache_parameter(original))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = args[0] if args else kwargs["hidden_states"]
-        if self.kind == "attn" and self.layer_idx is not None:
-            cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        if self.kind == "attn" and self.layer_idx is not None and self.cache_arg is not None:
+            cache = kwargs.get(self.cache_arg)
             if cache is not None and hasattr(cache, "update"):
                 stub = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
                 cache.update(stub, stub, self.layer_idx)
+                self.cache_updates += 1
         return self.output.wrap(torch.zeros_like(hidden))
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, layer_idx={self.layer_idx}"
+        return f"kind={self.kind}, layer_idx={self.layer_idx}, cache_arg={self.cache_arg}"
 
 
 @dataclass
@@ -473,9 +492,8 @@ class BlockMasker:
         name = lay.attn if block.kind == "attn" else lay.mlp
         original = getattr(layer, name)
         spec = lay.attn_output if block.kind == "attn" else lay.mlp_output
-        layer_idx = getattr(original, "layer_idx", None) if block.kind == "attn" else None
         self._originals[block] = original
-        setattr(layer, name, ZeroBranch(block.kind, spec, layer_idx))
+        setattr(layer, name, ZeroBranch.replacing(original, block.kind, spec))
 
     def _restore(self, block: Block) -> None:
         lay = self.layout.layers[block.layer]

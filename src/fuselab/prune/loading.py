@@ -5,6 +5,9 @@ stock base config in ``config.json``'s ``fuselab_block_pruning`` section. The mo
 with stock transformers, its removed blocks are replaced by :class:`~fuselab.prune.blocks.ZeroBranch` and their
 norms by ``nn.Identity`` (which is what the removed blocks computed), and only the weights in the files are
 loaded; any weight the files lack that is not part of a removed block is an error, not a random tensor.
+A model with removed attention blocks is then probed once (:func:`~fuselab.prune.kv_cache.check_cache_placeholders`):
+if the installed transformers does not hand the KV cache to the stand-ins, loading fails instead of generating
+with wrong positions.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from fuselab.prune.blocks import OutputSpec, ZeroBranch, get_submodule
 from fuselab.prune.export import FORMAT_KEY
+from fuselab.prune.kv_cache import check_cache_placeholders
 from fuselab.utils.errors import FuselabError, ModelNotFoundError
 
 
@@ -54,6 +58,7 @@ def load_pruned_model(
         hf_logging.set_verbosity(previous)
     layers = get_submodule(model, section["layers_path"])
     expected_missing: set[str] = set()
+    branches: list[ZeroBranch] = []
     for entry in section["removed"]:
         layer = layers[entry["layer"]]
         block, *norms = entry["modules"]
@@ -62,8 +67,9 @@ def load_pruned_model(
         expected_missing |= {
             prefix + f"{n}.{p}" for n in entry["modules"] for p, _ in getattr(layer, n).named_parameters()
         }
-        layer_idx = getattr(original, "layer_idx", None) if entry["kind"] == "attn" else None
-        setattr(layer, block, ZeroBranch(entry["kind"], OutputSpec(entry["output_tuple_len"]), layer_idx))
+        branch = ZeroBranch.replacing(original, entry["kind"], OutputSpec(entry["output_tuple_len"]))
+        branches.append(branch)
+        setattr(layer, block, branch)
         for n in norms:
             setattr(layer, n, nn.Identity())
     missing = set(info.get("missing_keys", ())) - expected_missing
@@ -73,4 +79,6 @@ def load_pruned_model(
             f"{path}: the weight files do not match the pruned layout (missing: {sorted(missing)[:5]}, "
             f"unexpected: {sorted(unexpected)[:5]}); the checkpoint is damaged"
         )
-    return model.eval()
+    model.eval()
+    check_cache_placeholders(model, branches, str(path))
+    return model

@@ -81,7 +81,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> An
         "data_seed": t.seed,
         "logging_steps": t.logging_steps,
         "bf16": t.bf16,
-        "gradient_checkpointing": t.gradient_checkpointing,
+        "activation_checkpointing": t.gradient_checkpointing,  # transformers 5.23+ name of gradient_checkpointing
         "report_to": t.report_to or "none",
         "save_strategy": "steps" if t.save_steps else "no",
         "save_only_model": False,
