@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fuselab.modeling.resolve import resolve_model
 from fuselab.prune.blocks import Block, BlockMasker, inspect_blocks
 from fuselab.prune.export import export_pruned
+from fuselab.prune.kv_cache import cache_parameter, output_cache, verify_cached_decoding
 from fuselab.prune.loading import load_pruned_model
 
 
@@ -38,9 +39,13 @@ def test_smollm2_decilm_export_round_trip(tmp_path):
     with torch.no_grad():
         want = model(input_ids=ids).logits
         assert torch.allclose(reloaded(input_ids=ids).logits, want, atol=1e-4, rtol=0)
-        past = reloaded(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        step = reloaded(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+        past = output_cache(reloaded(input_ids=ids[:, :-1], use_cache=True))
+        step = reloaded(input_ids=ids[:, -1:], use_cache=True, **{cache_parameter(reloaded): past}).logits[
+            :, -1
+        ]
     assert torch.allclose(step, want[:, -1], atol=1e-3, rtol=0)
+    # greedy generation of a left-padded batch, with and without the cache (what `fuselab prune` verifies)
+    assert verify_cached_decoding(reloaded, ids, torch.float32)["same_tokens"]
 
 
 @pytest.mark.slow
