@@ -9,28 +9,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fuselab.modeling.checkpoint import Checkpoint
-from fuselab.prune.blocks import Block, BlockMasker, inspect_blocks
-from fuselab.prune.export import export_pruned
+from fuselab.prune.blocks import Block
 from fuselab.prune.loading import load_pruned_model
-from helpers.models import save_model
 from helpers.prune import (
     assert_cached_decoding_is_exact,
+    export_tiny,
     gemma3_config,
     llama_config,
     qwen2_config,
-    strong_model,
 )
-
-
-def _export(tmp_path, config, removed, **kw):
-    model = strong_model(config)
-    src = save_model(model, tmp_path / "src")
-    layout = inspect_blocks(model)
-    BlockMasker(model, layout).set_removed(removed)
-    out = tmp_path / "out"
-    out.mkdir()
-    info = export_pruned(src, out, AutoConfig.from_pretrained(src), layout, removed, **kw)
-    return model, out, info
 
 
 def _same_logits_and_cached_generation(model, reloaded):
@@ -43,7 +30,7 @@ def _same_logits_and_cached_generation(model, reloaded):
 @pytest.mark.parametrize("config_fn", [llama_config, gemma3_config])
 def test_whole_layers_give_a_stock_checkpoint(tmp_path, config_fn):
     removed = {Block("attn", 1), Block("mlp", 1), Block("attn", 2), Block("mlp", 2)}
-    model, out, info = _export(tmp_path, config_fn(), removed)
+    model, out, info = export_tiny(tmp_path, config_fn(), removed)
     assert info.format == "stock" and info.kept_layers == [0, 3]
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
@@ -58,7 +45,7 @@ def test_whole_layers_give_a_stock_checkpoint(tmp_path, config_fn):
 @pytest.mark.parametrize("config_fn", [qwen2_config, gemma3_config])
 def test_partial_removal_fuselab_format(tmp_path, config_fn):
     removed = {Block("attn", 0), Block("mlp", 2), Block("attn", 3), Block("mlp", 3)}
-    model, out, info = _export(tmp_path, config_fn(), removed)
+    model, out, info = export_tiny(tmp_path, config_fn(), removed)
     assert info.format == "fuselab" and info.kept_layers == [0, 1, 2]
     names = set(Checkpoint(out).tensors)
     assert not any(n.startswith("model.layers.0.self_attn.") for n in names)
@@ -71,7 +58,7 @@ def test_partial_removal_fuselab_format(tmp_path, config_fn):
 
 def test_partial_removal_decilm_format(tmp_path):
     removed = {Block("attn", 0), Block("mlp", 2)}
-    model, out, info = _export(tmp_path, llama_config(intermediate=256), removed)
+    model, out, info = export_tiny(tmp_path, llama_config(intermediate=256), removed)
     assert info.format == "decilm"
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["DeciLMForCausalLM"] and config["model_type"] == "nemotron-nas"
@@ -88,5 +75,5 @@ def test_partial_removal_decilm_format(tmp_path):
 
 
 def test_decilm_never_for_non_llama_and_unfit_width(tmp_path):
-    _, _, info = _export(tmp_path, llama_config(intermediate=64), {Block("attn", 1)})
+    _, _, info = export_tiny(tmp_path, llama_config(intermediate=64), {Block("attn", 1)})
     assert info.format == "fuselab" and "multiple of 256" in info.decilm_note

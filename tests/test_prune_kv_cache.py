@@ -7,19 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import fuselab.prune.blocks as blocks_mod
 import fuselab.prune.loading as loading_mod
-from fuselab.prune.blocks import Block, BlockMasker, OutputSpec, ZeroBranch, inspect_blocks
-from fuselab.prune.export import export_pruned
+from fuselab.prune.blocks import Block, OutputSpec, ZeroBranch
 from fuselab.prune.kv_cache import cache_parameter, check_cache_placeholders
 from fuselab.prune.loading import load_pruned_model
 from fuselab.prune.run import verify_export
 from fuselab.utils.errors import FuselabError
-from helpers.models import save_model
 from helpers.prune import (
     assert_cached_decoding_is_exact,
+    export_tiny,
     gemma3_config,
     llama_config,
     qwen2_config,
@@ -38,21 +37,10 @@ CASES = {
 PROMPT = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(1))
 
 
-def _export(tmp_path, config, removed):
-    model = strong_model(config)
-    src = save_model(model, tmp_path / "src")
-    layout = inspect_blocks(model)
-    BlockMasker(model, layout).set_removed(removed)
-    out = tmp_path / "out"
-    out.mkdir()
-    info = export_pruned(src, out, AutoConfig.from_pretrained(src), layout, removed)
-    return model, out, info
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_export_format_decodes_the_same_with_and_without_the_cache(tmp_path, case):
     fmt, config_fn, removed = CASES[case]
-    _, out, info = _export(tmp_path, config_fn(), removed)
+    _, out, info = export_tiny(tmp_path, config_fn(), removed)
     assert info.format == fmt
     loaded = (
         AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -84,7 +72,7 @@ def cache_never_arrives(monkeypatch):
 
 
 def test_loading_refuses_a_release_that_does_not_hand_over_the_cache(tmp_path, cache_never_arrives):
-    _, out, _ = _export(tmp_path, qwen2_config(), {Block("attn", 0)})
+    _, out, _ = export_tiny(tmp_path, qwen2_config(), {Block("attn", 0)})
     with pytest.raises(FuselabError, match=r"transformers .* KV cache does not reach the removed attention"):
         load_pruned_model(out)
 
@@ -102,14 +90,14 @@ def test_export_verification_catches_wrong_cached_logits_on_its_own(
     """Even without the load-time probe, ``fuselab prune``'s verification compares cached and uncached logits
     and refuses the export (the 5.24 failure gave the same greedy tokens on some models, different logits)."""
     monkeypatch.setattr(loading_mod, "check_cache_placeholders", lambda *a, **k: None)
-    model, out, _ = _export(tmp_path, qwen2_config(), {Block("attn", 0), Block("mlp", 2)})
+    model, out, _ = export_tiny(tmp_path, qwen2_config(), {Block("attn", 0), Block("mlp", 2)})
     sample = torch.randint(3, 300, (1, 32), generator=torch.Generator().manual_seed(2))
     with pytest.raises(FuselabError, match="decodes differently with and without its KV cache"):
         verify_export(out, model, sample, torch.float32)
 
 
 def test_export_verification_passes_and_reports_the_gap(tmp_path):
-    model, out, _ = _export(tmp_path, qwen2_config(), {Block("attn", 0), Block("mlp", 2)})
+    model, out, _ = export_tiny(tmp_path, qwen2_config(), {Block("attn", 0), Block("mlp", 2)})
     sample = torch.randint(3, 300, (1, 32), generator=torch.Generator().manual_seed(2))
     report = verify_export(out, model, sample, torch.float32)
     assert report["generation_with_cache_matches"] and report["cached_decoding_max_abs_logit_gap"] <= 1e-4
@@ -119,7 +107,7 @@ def test_the_suite_guard_itself_fails_when_the_cache_does_not_arrive(
     tmp_path, monkeypatch, cache_never_arrives
 ):
     monkeypatch.setattr(loading_mod, "check_cache_placeholders", lambda *a, **k: None)
-    _, out, _ = _export(tmp_path, qwen2_config(), {Block("attn", 0), Block("mlp", 2)})
+    _, out, _ = export_tiny(tmp_path, qwen2_config(), {Block("attn", 0), Block("mlp", 2)})
     with pytest.raises(AssertionError, match="transformers"):
         assert_cached_decoding_is_exact(load_pruned_model(out), PROMPT)
 

@@ -174,3 +174,21 @@ def assert_cached_decoding_is_exact(model, prompt: torch.Tensor, new_tokens: int
             gap = float((a - b).abs().max())
             assert gap <= 1e-5, f"{version}: padded batch, cached step {i} differs from uncached by {gap:.3g}"
         assert torch.equal(runs[0].sequences, runs[1].sequences), f"{version}: cached tokens != uncached"
+
+
+def export_tiny(tmp_path, config, removed, **kw):
+    """A strong tiny model of ``config`` saved, masked and exported without ``removed``: (model, out, info)."""
+    from transformers import AutoConfig
+
+    from fuselab.prune.blocks import BlockMasker, inspect_blocks
+    from fuselab.prune.export import export_pruned
+    from helpers.models import save_model
+
+    model = strong_model(config)
+    src = save_model(model, tmp_path / "src")
+    layout = inspect_blocks(model)
+    BlockMasker(model, layout).set_removed(removed)
+    out = tmp_path / "out"
+    out.mkdir()
+    info = export_pruned(src, out, AutoConfig.from_pretrained(src), layout, removed, **kw)
+    return model, out, info

@@ -77,8 +77,8 @@ def check_cache_placeholders(model: nn.Module, branches: Sequence[nn.Module], wh
         return
     version = _transformers_version()
     fix = (
-        "Install the versions fuselab was tested with (pip install -c requirements/lock.txt -e .) or a fuselab "
-        "release that supports this transformers version."
+        "Install the transformers release fuselab was tested with (requirements/lock.txt in fuselab's source; "
+        "in a checkout, `make setup` installs it), or a fuselab release that supports this one."
     )
     unknown = [b.layer_idx for b in attn if b.cache_arg is None]
     if unknown:
@@ -184,6 +184,6 @@ def verify_cached_decoding(model: nn.Module, prompt: torch.Tensor, dtype: torch.
             f"with transformers {_transformers_version()}, the exported checkpoint decodes differently with and "
             f"without its KV cache (tokens equal: {result['same_tokens']}, largest logit gap "
             f"{result['max_abs_logit_gap']:.3g}, allowed {limit:.3g}); the export is refused. Install the "
-            "versions of requirements/lock.txt, or report the transformers version."
+            "versions of fuselab's requirements/lock.txt (`make setup` in a checkout), or report this version."
         )
     return result
