@@ -20,7 +20,7 @@ LATEST_ARGS ?= -m "not slow"
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-slow test-latest lock lint format demo demo-merge bench-fuse bench-merge bench-fusion bench-prune bench-wrpo demo-wrpo clean
+.PHONY: setup test test-slow test-latest lock lint format demo demo-merge bench-fuse bench-quality bench-merge bench-fusion bench-prune bench-wrpo demo-wrpo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,11 @@ bench-prune: setup
 
 bench-fuse: setup
 	$(PY) benchmarks/fuse_pipeline.py --recipe configs/demo.yaml
+
+# Does fusion beat SFT-only training? Every arm against SFT on the same code data, 3 seeds (about an hour or more).
+bench-quality: setup
+	$(VENV)/bin/fuselab models fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+	$(PY) benchmarks/fusion_quality.py --json benchmarks/results/fusion_quality.json
 
 bench-fusion: setup
 	$(PY) benchmarks/fusion_align.py

@@ -174,7 +174,7 @@ def test_unknown_names_list_the_valid_ones():
     p, pv = make(["a"])
     with pytest.raises(ConfigError, match="valid: exact, mined, offsets"):
         align_sequences("dtw", p, p, pv, pv)
-    with pytest.raises(ConfigError, match="valid: exact, mined, statistics"):
+    with pytest.raises(ConfigError, match="valid: exact, mined, prefix, statistics"):
         build_vocab_map("nearest", pv, pv)
 
 
@@ -218,7 +218,13 @@ def test_projection_sums_duplicates_and_counts_fallbacks():
     mm.table[2] = 3  # make " cats" land on the same pivot id as "cat": probabilities must add up
     counts = Counter()
     out = project(
-        src_ids, src_logp, donor=np.array([0, -1, 1]), gold=np.array([5, 5, 1]), vocab_map=mm, counts=counts
+        src_ids,
+        src_logp,
+        donor=np.array([0, -1, 1]),
+        gold=np.array([5, 5, 1]),
+        vocab_map=mm,
+        counts=counts,
+        dropped_mass="tail",
     )
 
     def row(r):
@@ -232,6 +238,9 @@ def test_projection_sums_duplicates_and_counts_fallbacks():
     assert row2 == pytest.approx({1: 0.6}, rel=2e-3)  # "</s>" (special) and " do" have no pivot twin: dropped
     assert counts["fallback: no source position with the same boundary"] == 1 and counts["projected"] == 2
     assert m.table[4] == 4
+    # the default spreads the dropped mass over the mapped candidates: the tail stays the source's own
+    out = project(src_ids, src_logp, donor=np.array([0, -1, 1]), gold=np.array([5, 5, 1]), vocab_map=mm)
+    assert row(0) == pytest.approx({3: 0.8}, rel=2e-3) and row(2) == pytest.approx({1: 0.95}, rel=2e-3)
 
 
 def dist(rows, fallback=None):

@@ -129,6 +129,8 @@ def test_pipeline_end_to_end_then_cached(setup, tmp_path):
     report = (out / "report.md").read_text()
     for section in ("SFT-only baseline", "Held-out NLL", "loss_curves.png", "Answers", "Say hello."):
         assert section in report
+    # the target diagnostics, per source and domain (here one training file: its stem is the domain)
+    assert "mean q(gold)" in report and "| `pivot+src_a` | `src_a` | train |" in report
     # A rerun finds every stage cached and changes nothing.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     result = _pipeline(recipe).run()
@@ -257,3 +259,44 @@ def test_data_items_take_their_own_limits(tmp_path):
         validate_config(DataConfig, {"train": [{"path": str(data), "limit": 0}]})
     with pytest.raises(ConfigError, match="path"):
         validate_config(DataConfig, {"train": [{"file": str(data)}]})
+
+
+@pytest.mark.parametrize(
+    ("section", "change"),
+    [
+        ("extract", {"dtype": "bfloat16"}),
+        ("extract", {"backend": "vllm"}),
+        ("extract", {"device": "cuda"}),
+        ("extract", {"k": 4}),
+        ("align", {"vocab": "exact"}),
+        ("align", {"chain_rule": False}),
+        ("align", {"dropped_mass": "tail"}),
+        ("fuse", {"score": "own"}),
+        ("fuse", {"include_pivot": False}),
+        ("fuse", {"function": "avgce"}),
+        ("train", {"loss": "alm"}),
+        ("train", {"alm_temperature": 2.0}),
+        ("train", {"tail": "renormalize"}),
+    ],
+)
+def test_every_setting_that_changes_an_output_changes_its_key(setup, tmp_path, section, change):
+    """Issue 12: a float32 recipe silently reused a store a bf16 run had written; every stage key covers what
+    determines its output (nothing is computed here: keys only)."""
+    base = _pipeline(_recipe(setup, tmp_path), dry_run=True)
+    changed = _pipeline(_recipe(setup, tmp_path, **{section: change}), dry_run=True)
+    target = base.target_names()[0]
+
+    def keys(p: FusePipeline) -> dict[str, str]:
+        return {
+            "store": p.ws.store_dir(p.ws.sources[0]).name,
+            "targets": p.ws.targets_dir(target).name,
+            "model": p.train_dir(target).name,
+        }
+
+    before, after = keys(base), keys(changed)
+    expected = {
+        "extract": {"store", "targets", "model"},
+        "align": {"targets", "model"},
+        "fuse": {"targets", "model"},
+    }
+    assert {k for k in before if before[k] != after[k]} == expected.get(section, {"model"})

@@ -159,3 +159,38 @@ def sentencepiece_model(path: str | Path, model_type: str = "bpe", byte_fallback
     path = Path(path)
     path.write_bytes(buf.getvalue())
     return path
+
+
+def byte_bpe_from_merges(merges: list[tuple[str, str]], *, split: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose only merges are ``merges`` (texts, e.g. ``(":", "\\n")``), for hand-made cases.
+
+    ``split``: GPT-2's pre-tokenizer regex (SmolLM2-like: ``:`` and ``\\n`` never merge, ``\\n   `` does);
+    without it the whole text is one pre-token, so any merge applies (Qwen-like ``:\\n``).
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_map = {b: c for c, b in _byte_level_map().items()}
+
+    def piece(text: str) -> str:
+        return "".join(byte_map[b] for b in text.encode())
+
+    vocab = {t: i for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *sorted(alphabet)])}
+    pairs = []
+    for a, b in merges:
+        pa, pb = piece(a), piece(b)
+        pairs.append((pa, pb))
+        vocab.setdefault(pa + pb, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _byte_level_map() -> dict[str, int]:
+    from fuselab.data.token_spans import _byte_decoder
+
+    return _byte_decoder()

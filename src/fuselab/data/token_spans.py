@@ -54,12 +54,20 @@ class Vocabulary:
     unk_id: int | None
     name: str
     prefix_ids: tuple[int, ...] = ()  # leading special tokens the tokenizer adds to every text (BOS)
+    # added tokens flagged ``special`` (control tokens such as <|im_end|>); None: every added token. Gemma also
+    # adds ordinary text as tokens ("\n", whitespace runs), which are matched verbatim but spell plain text.
+    control: frozenset[int] | None = None
 
     def __len__(self) -> int:
         return len(self.surfaces)
 
     def text(self, token_id: int) -> str:
         return self.surfaces[token_id].decode("utf-8", errors="replace")
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Control tokens: added tokens flagged special (all added tokens when not known)."""
+        return self.special if self.control is None else self.control
 
 
 def vocabulary(tokenizer: Any) -> Vocabulary:
@@ -75,8 +83,10 @@ def vocabulary(tokenizer: Any) -> Vocabulary:
         )
     size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
     pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-    added = {int(i): t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    decoder = getattr(tokenizer, "added_tokens_decoder", {})
+    added = {int(i): t.content for i, t in decoder.items()}
     special = frozenset(added)
+    control = frozenset(int(i) for i, t in decoder.items() if getattr(t, "special", True))
     byte_dec = _byte_decoder()
     surfaces: list[bytes] = []
     for i, piece in enumerate(pieces):
@@ -103,6 +113,7 @@ def vocabulary(tokenizer: Any) -> Vocabulary:
         unk_id=tokenizer.unk_token_id,
         name=str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
         prefix_ids=_added_prefix(tokenizer),
+        control=control,
     )
     with contextlib.suppress(AttributeError):
         tokenizer._fuselab_vocabulary = vocab

@@ -56,7 +56,21 @@ class ExtractConfig(StrictModel):
 
 class AlignConfig(StrictModel):
     sequence: str = Field("offsets", description="offsets | mined | exact")
-    vocab: str = Field("exact", description="exact | mined | statistics")
+    vocab: str = Field(
+        "prefix",
+        description="prefix (the pivot token a candidate begins with, by the pivot's own tokenizer) | exact | "
+        "mined | statistics",
+    )
+    chain_rule: bool = Field(
+        True,
+        description="where the pivot's gold token is longer than the source's, its probability by the chain "
+        "rule along the gold text (stored gold NLLs)",
+    )
+    dropped_mass: Literal["redistribute", "tail"] = Field(
+        "redistribute",
+        description="probability of candidates with no pivot id: spread over the mapped ones (the tail stays "
+        "the source's own) or added to the tail (fuselab before 0.2)",
+    )
 
     @field_validator("sequence")
     @classmethod
@@ -86,7 +100,14 @@ class FuseConfig(StrictModel):
     )
     function: str = Field("mince", description="mince | mince_token | avgce")
     include_pivot: bool = Field(
-        True, description="the pivot's own distribution is a candidate (FuseChat default)"
+        True,
+        description="the pivot's own distribution (of the frozen starting model) is a candidate (FuseChat "
+        "default); where it wins, the fusion term pulls the student back towards its starting point",
+    )
+    score: Literal["projected", "own"] = Field(
+        "projected",
+        description="how MinCE/AvgCE score a candidate: per-byte NLL of its projected target on the pivot's "
+        "tokens (what is trained), or of its own tokenisation (the reference's choice)",
     )
 
     @field_validator("function")
@@ -101,7 +122,14 @@ class FuseConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     lam: float = Field(0.9, ge=0.0, le=1.0, description="weight of the CLM loss (λ); 1.0 is plain SFT")
-    loss: Literal["ce", "kl"] = "ce"
+    loss: Literal["ce", "kl", "alm"] = Field(
+        "ce",
+        description="fusion term: token-level ce or kl against the sparse targets, or alm (chunk likelihoods "
+        "between shared byte boundaries, Minixhofer et al. 2025)",
+    )
+    alm_temperature: float = Field(
+        1.0, gt=0, description="ALM binarisation temperature (chunk log-probs / T)"
+    )
     tail: Literal["bucket", "renormalize"] = "bucket"
     learning_rate: float = Field(5e-6, gt=0)
     epochs: float = Field(1.0, gt=0)

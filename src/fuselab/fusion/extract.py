@@ -41,8 +41,16 @@ class ExtractSettings:
     backend: str = "transformers"  # or "vllm"
 
     def store_meta(self) -> dict[str, Any]:
-        """The settings that change what is stored (part of the store's key)."""
-        return {"k": self.k, "temperature": self.temperature}
+        """The settings that change what is stored (part of the store's key): k, temperature, and what the
+        numbers are computed with (the precision that really runs, ``auto`` resolved; the backend; the device
+        type), so that a float32 recipe never reuses a bf16 store (issue 12)."""
+        return {
+            "k": self.k,
+            "temperature": self.temperature,
+            "dtype": str(resolve_dtype(self.dtype, self.device)).removeprefix("torch."),
+            "backend": self.backend,
+            "device": self.device.split(":", 1)[0],
+        }
 
 
 @dataclass(frozen=True)

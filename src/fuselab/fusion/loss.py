@@ -18,6 +18,11 @@ normalised over the full vocabulary, so Σ q_r ≤ 1):
   match the teacher's probabilities themselves, not their ratios.
 
 λ = 1 is plain supervised fine-tuning: the loss is then exactly the causal-LM loss over supervised tokens.
+
+``kind="alm"`` replaces the token-level term by Approximate Likelihood Matching (Minixhofer et al., NeurIPS
+2025, arXiv 2503.20083; :func:`alm_loss`): on chunks of text between byte boundaries both tokenisations share
+(:mod:`fuselab.fusion.align.chunks`), the student's chunk likelihood is matched to the teacher's as two
+Bernoulli distributions ``{p, 1 − p}``, whatever the segmentation inside the chunk.
 """
 
 from __future__ import annotations
@@ -38,6 +43,42 @@ class FusionLossOutput:
     positions: int
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − exp(x))`` for x < 0, accurate on both sides of log(1/2)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def alm_loss(
+    student_logp: torch.Tensor,
+    chunk_ids: torch.Tensor,
+    teacher_chunk_logp: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Binary cross-entropy between teacher and student chunk likelihoods, averaged over chunks.
+
+    ``student_logp`` [N]: the student's log-probability of each gold token; ``chunk_ids`` [N]: the chunk each
+    position belongs to (−1: none); ``teacher_chunk_logp`` [C]: the teacher's log-likelihood of each chunk.
+    With ``t = log p_teacher / T − ε`` and ``s = Σ_{i ∈ chunk} log p_student(i) / T − ε`` (ε keeps both below 0),
+
+        ALM = −[ exp(t) · s + (1 − exp(t)) · log(1 − exp(s)) ]
+
+    (tokenkit's ``binary_ce`` "binarised" f-divergence). It is minimised at s = t: where the teacher is sure of
+    a chunk it is the chunk's NLL, where it is unsure it stops the student from being surer.
+    """
+    c = teacher_chunk_logp.shape[0]
+    if c == 0:
+        return student_logp.sum() * 0.0
+    dtype = torch.promote_types(student_logp.dtype, torch.float32)  # float32 at least
+    valid = chunk_ids >= 0
+    s = torch.zeros(c, dtype=dtype, device=student_logp.device)
+    s = s.index_add(0, chunk_ids[valid], student_logp[valid].to(dtype))
+    t = teacher_chunk_logp.to(dtype) / temperature - eps
+    s = s / temperature - eps
+    return (-(torch.exp(t) * s + (-torch.expm1(t)) * log1mexp(s))).mean()
+
+
 def fusion_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -45,14 +86,18 @@ def fusion_loss(
     target_logp: torch.Tensor,
     *,
     lam: float,
-    kind: Literal["ce", "kl"] = "ce",
+    kind: Literal["ce", "kl", "alm"] = "ce",
     tail: Literal["bucket", "renormalize"] = "bucket",
+    chunk_ids: torch.Tensor | None = None,
+    chunk_logp: torch.Tensor | None = None,
+    alm_temperature: float = 1.0,
 ) -> FusionLossOutput:
     """Loss on a batch.
 
     ``logits`` [B, L, V] (position t predicts token t+1); ``labels`` [B, L] with ``IGNORE`` on unsupervised
     tokens; ``target_ids``/``target_logp`` [N, K] for the N supervised positions in row-major order (the
-    positions t with ``labels[:, t+1] != IGNORE``), padded with id −1 / log-prob −inf.
+    positions t with ``labels[:, t+1] != IGNORE``), padded with id −1 / log-prob −inf. ``kind="alm"`` needs
+    ``chunk_ids`` [N] (batch-wide chunk indices, −1: none) and ``chunk_logp`` [C] instead of the targets.
     """
     sup = labels[:, 1:] != IGNORE
     z = logits[:, :-1][sup].float()  # [N, V]
@@ -67,6 +112,13 @@ def fusion_loss(
     clm = (lse - z.gather(1, gold[:, None])[:, 0]).mean()
     if lam >= 1.0:
         return FusionLossOutput(clm, clm.detach(), torch.zeros((), device=clm.device), n)
+    if kind == "alm":
+        if chunk_ids is None or chunk_logp is None:
+            raise ValueError("kind 'alm' needs chunk_ids and chunk_logp (targets built by fuselab >= 0.2)")
+        student_gold = z.gather(1, gold[:, None])[:, 0] - lse
+        fuse = alm_loss(student_gold, chunk_ids, chunk_logp, temperature=alm_temperature)
+        loss = lam * clm + (1.0 - lam) * fuse
+        return FusionLossOutput(loss, clm.detach(), fuse.detach(), n)
     valid = target_ids >= 0
     student = z.gather(1, target_ids.clamp(min=0)) - lse[:, None]  # log p_θ(u_r)
     q = torch.where(valid, target_logp.float().exp(), torch.zeros((), device=z.device))

@@ -53,6 +53,8 @@ class FusionCollator:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         t_ids, t_logp = [], []
+        c_ids, c_logp = [], []
+        chunk_base = 0
         for b, r in enumerate(rows):
             n = len(r["input_ids"])
             x = torch.from_numpy(r["input_ids"])
@@ -70,7 +72,12 @@ class FusionCollator:
             pad = k - ti.shape[1]
             t_ids.append(torch.nn.functional.pad(ti, (0, pad), value=-1))
             t_logp.append(torch.nn.functional.pad(tl, (0, pad), value=-float("inf")))
-        return {
+            if "chunk_ids" in r:
+                ci = torch.from_numpy(r["chunk_ids"])
+                c_ids.append(torch.where(ci >= 0, ci + chunk_base, ci))
+                c_logp.append(torch.from_numpy(r["chunk_logp"]))
+                chunk_base += len(r["chunk_logp"])
+        batch = {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
@@ -78,6 +85,10 @@ class FusionCollator:
             "target_logp": torch.cat(t_logp),
             "example_index": torch.tensor([int(r["example_index"]) for r in rows]),
         }
+        if len(c_ids) == len(rows):
+            batch["chunk_ids"] = torch.cat(c_ids)
+            batch["chunk_logp"] = torch.cat(c_logp)
+        return batch
 
 
 def _trainer_class():
@@ -97,6 +108,8 @@ def _trainer_class():
             labels = inputs.pop("labels")
             target_ids = inputs.pop("target_ids")
             target_logp = inputs.pop("target_logp")
+            chunk_ids = inputs.pop("chunk_ids", None)
+            chunk_logp = inputs.pop("chunk_logp", None)
             seen = inputs.pop("example_index", None)
             if self._seen_path is not None and seen is not None and model.training:
                 with open(self._seen_path, "a") as f:
@@ -112,6 +125,9 @@ def _trainer_class():
                 lam=self.fusion.lam,
                 kind=self.fusion.loss,
                 tail=self.fusion.tail,
+                chunk_ids=chunk_ids,
+                chunk_logp=chunk_logp,
+                alm_temperature=self.fusion.alm_temperature,
             )
             if model.training:
                 self._sums["clm_loss"] += float(out.clm)

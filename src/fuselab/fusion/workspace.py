@@ -32,6 +32,11 @@ from fuselab.utils.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+# Bumped whenever the way targets are computed from the same inputs changes, so that an upgrade of fuselab
+# never reuses targets built by the previous algorithm (2: prefix mapping, chain rule, projected scores, chunks).
+TARGETS_VERSION = 2
+
+
 def _h(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -75,6 +80,9 @@ class FusedTargets:
     target_logp: np.ndarray  # float16 [N, K]
     tgt_offsets: np.ndarray  # int64 [E+1]
     meta: dict[str, Any]
+    chunk_ids: np.ndarray | None = None  # int32 [N]: chunk of each target row within its example (-1: none)
+    chunk_logp: np.ndarray | None = None  # float32 [C]: the teacher's log-likelihood of each chunk
+    chunk_offsets: np.ndarray | None = None  # int64 [E+1]
 
     @classmethod
     def open(cls, root: str | Path) -> FusedTargets:
@@ -85,12 +93,20 @@ class FusedTargets:
             n: np.load(root / f"{n}.npy", mmap_mode="r")
             for n in ("tokens", "supervised", "target_ids", "target_logp")
         }
+        chunks = {}
+        if (root / "chunk_ids.npy").exists():
+            chunks = {
+                "chunk_ids": np.load(root / "chunk_ids.npy", mmap_mode="r"),
+                "chunk_logp": np.load(root / "chunk_logp.npy", mmap_mode="r"),
+                "chunk_offsets": np.load(root / "chunk_offsets.npy"),
+            }
         return cls(
             root=root,
             tok_offsets=np.load(root / "tok_offsets.npy"),
             tgt_offsets=np.load(root / "tgt_offsets.npy"),
             meta=json.loads((root / "meta.json").read_text()),
             **arr,
+            **chunks,
         )
 
     def __len__(self) -> int:
@@ -99,12 +115,17 @@ class FusedTargets:
     def example(self, i: int) -> dict[str, np.ndarray]:
         a, b = int(self.tok_offsets[i]), int(self.tok_offsets[i + 1])
         c, d = int(self.tgt_offsets[i]), int(self.tgt_offsets[i + 1])
-        return {
+        out = {
             "input_ids": np.asarray(self.tokens[a:b], dtype=np.int64),
             "supervised": np.asarray(self.supervised[a:b]),
             "target_ids": np.asarray(self.target_ids[c:d], dtype=np.int64),
             "target_logp": np.asarray(self.target_logp[c:d], dtype=np.float32),
         }
+        if self.chunk_ids is not None:
+            e, f = int(self.chunk_offsets[i]), int(self.chunk_offsets[i + 1])
+            out["chunk_ids"] = np.asarray(self.chunk_ids[c:d], dtype=np.int64)
+            out["chunk_logp"] = np.array(self.chunk_logp[e:f], dtype=np.float32)  # a writable copy
+        return out
 
 
 class Workspace:
@@ -144,6 +165,7 @@ class Workspace:
         self._encoded: dict[str, list[Encoded]] = {}
         self._fingerprints: dict[str, str] = {}
         self._texts_key: str | None = None
+        self._domains: list[str] | None = None
 
     # -- models ------------------------------------------------------------------------------------------
     def tokenizer(self, name: str):
@@ -203,6 +225,25 @@ class Workspace:
             )
         self._texts = texts
         return texts
+
+    def text_domains(self) -> list[str]:
+        """The domain of each training text, for per-domain diagnostics: the row's ``domain`` field, else the
+        data item it came from (``bundled:code.train`` -> ``code``, a file -> its stem)."""
+        from fuselab.fusion.config import DataFile
+
+        if self._domains is None:
+            of: dict[str, str] = {}
+            for item in self.recipe.data.train:
+                spec = item if isinstance(item, DataFile) else DataFile(path=item)
+                label = (
+                    spec.path.removeprefix("bundled:").split(".")[0]
+                    if spec.path.startswith("bundled:")
+                    else Path(spec.path).stem
+                )
+                for c in load_data_items([spec], self.recipe.data.on_bad_rows):
+                    of.setdefault(c.id, str(c.metadata.get("domain") or label))
+            self._domains = [of.get(t.id) or of.get(t.id.rsplit("#", 1)[0], "all") for t in self.texts()]
+        return self._domains
 
     def texts_key(self) -> str:
         """Content hash of the rendered texts, computed once."""
@@ -269,6 +310,7 @@ class Workspace:
             [self.store_dir(n).name for n in [self.pivot, *srcs]],  # names: a moved work folder stays valid
             self.recipe.align.model_dump(),
             self.recipe.fuse.model_dump(),
+            TARGETS_VERSION,
         )
         return self.workdir / "targets" / f"{target}-{key}"
 
@@ -282,98 +324,143 @@ class Workspace:
             out[target] = self._build(target, srcs, directory)
         return out
 
-    def _build(self, target: str, srcs: list[str], directory: Path) -> dict[str, Any]:
+    def _source_setup(self, s: str) -> dict[str, Any]:
+        """Sequence alignment, vocabulary map and the special ids it lacks, for one source."""
         from fuselab.data.token_spans import vocabulary
-        from fuselab.fusion.align.project import Projected, project
         from fuselab.fusion.align.sequence import align_sequences
-        from fuselab.fusion.align.vocab import build_vocab_map, count_pairs
-        from fuselab.fusion.fuse import Candidate, fuse, per_byte_nll
+        from fuselab.fusion.align.vocab import build_vocab_map, count_pairs, tokenizer_encoder
         from fuselab.utils.progress import progress
 
         texts = self.texts()
         pv = vocabulary(self.tokenizer(self.pivot))
         piv_enc = self.encoded(self.pivot)
+        sv = vocabulary(self.tokenizer(s))
+        enc = self.encoded(s)
+        store = self.store(s)
+        seq_method, map_method = self.recipe.align.sequence, self.recipe.align.vocab
+        alignments, coverage = [], Counter()
+        for i in progress(range(len(texts)), desc=f"align {s}", disable=not self.show_progress):
+            a = align_sequences(seq_method, piv_enc[i], enc[i], pv, sv)
+            alignments.append(a.donor)
+            coverage.update(a.coverage)
+        needed = np.unique(np.concatenate([np.asarray(store[i].ids).ravel() for i in range(len(texts))]))
+        pairs = None
+        if map_method == "statistics":
+            pairs = count_pairs(
+                (
+                    (
+                        enc[i].ids[enc[i].predicting_positions()[alignments[i][alignments[i] >= 0]] + 1],
+                        piv_enc[i].ids[piv_enc[i].predicting_positions()[alignments[i] >= 0] + 1],
+                    )
+                    for i in range(len(texts))
+                ),
+                len(pv),
+            )
+        vmap = build_vocab_map(
+            map_method,
+            sv,
+            pv,
+            needed=needed,
+            pair_counts=pairs,
+            pivot_encode=tokenizer_encoder(self.tokenizer(self.pivot)),
+        )
+        src_special = {sv.surfaces[i] for i in sv.special}
+        lacking = np.zeros(len(pv), dtype=bool)
+        for i in pv.special:
+            lacking[i] = pv.surfaces[i] not in src_special
+        stats = {"coverage": dict(coverage), "vocab": {**vmap.stats(needed.tolist()), **vmap.routes}}
+        return {"store": store, "enc": enc, "vocab": sv, "alignments": alignments, "map": vmap,
+                "lacking": lacking, "stats": stats}  # fmt: skip
+
+    def _build(self, target: str, srcs: list[str], directory: Path) -> dict[str, Any]:
+        from fuselab.fusion.align.chunks import source_chunks, token_chunks
+        from fuselab.fusion.align.gold_path import gold_path
+        from fuselab.fusion.align.project import Projected, project, summarize_counts
+        from fuselab.fusion.fuse import Candidate, fuse, per_byte_nll, projected_scores
+        from fuselab.utils.progress import progress
+
+        texts = self.texts()
+        domains = self.text_domains()
+        piv_enc = self.encoded(self.pivot)
         piv_store = self.store(self.pivot)
         vocab_size = int(self._vocab_size(self.pivot))
-        seq_method, map_method = self.recipe.align.sequence, self.recipe.align.vocab
-        per_source: dict[str, Any] = {}
-        stats: dict[str, Any] = {"examples": len(texts), "sources": {}}
-        for s in srcs:
-            sv = vocabulary(self.tokenizer(s))
-            enc = self.encoded(s)
-            store = self.store(s)
-            alignments, coverage = [], Counter()
-            for i in progress(range(len(texts)), desc=f"align {s}", disable=not self.show_progress):
-                a = align_sequences(seq_method, piv_enc[i], enc[i], pv, sv)
-                alignments.append(a.donor)
-                coverage.update(a.coverage)
-            needed = np.unique(np.concatenate([np.asarray(store[i].ids).ravel() for i in range(len(texts))]))
-            pairs = None
-            if map_method == "statistics":
-                pairs = count_pairs(
-                    (
-                        (
-                            enc[i].ids[enc[i].predicting_positions()[alignments[i][alignments[i] >= 0]] + 1],
-                            piv_enc[i].ids[piv_enc[i].predicting_positions()[alignments[i] >= 0] + 1],
-                        )
-                        for i in range(len(texts))
-                    ),
-                    len(pv),
-                )
-            vmap = build_vocab_map(map_method, sv, pv, needed=needed, pair_counts=pairs)
-            src_special = {sv.surfaces[i] for i in sv.special}
-            lacking = np.zeros(len(pv), dtype=bool)
-            for i in pv.special:
-                lacking[i] = pv.surfaces[i] not in src_special
-            per_source[s] = (store, alignments, vmap, lacking)
-            stats["sources"][s] = {
-                "coverage": dict(coverage),
-                "vocab": vmap.stats(needed.tolist()),
-                "projection": Counter(),
-            }
+        align, fuse_cfg = self.recipe.align, self.recipe.fuse
+        per_source = {s: self._source_setup(s) for s in srcs}
+        counts = {s: Counter() for s in srcs}
+        by_domain = {s: {} for s in srcs}
+        stats: dict[str, Any] = {"examples": len(texts), "sources": {s: per_source[s]["stats"] for s in srcs}}
         choices: Counter = Counter()
         with atomic_output_dir(directory, force=True) as tmp:
             tokens, supervised, tok_off = [], [], [0]
             t_ids, t_logp, tgt_off = [], [], [0]
+            c_ids, c_logp, c_off = [], [], [0]
             for i in progress(range(len(texts)), desc=f"fuse {target}", disable=not self.show_progress):
                 pe = piv_enc[i]
                 pos = pe.predicting_positions()
                 gold = pe.ids[pos + 1]
+                gold_bytes = pe.spans.ends[pos + 1] - pe.spans.starts[pos + 1]
                 sup_bytes = texts[i].supervised_bytes
-                cands = []
-                if self.recipe.fuse.include_pivot:
+                data = texts[i].text.encode("utf-8")
+                cands, own, chunks = [], [], []
+                if fuse_cfg.include_pivot:
                     row = piv_store[i]
-                    cands.append(
-                        Candidate(
-                            self.pivot,
-                            Projected(
-                                np.asarray(row.ids, np.int64),
-                                np.asarray(row.logp, np.float32),
-                                np.zeros(len(pos), bool),
-                            ),
-                            per_byte_nll(row.gold_nll, sup_bytes),
-                        )
+                    dist = Projected(
+                        np.asarray(row.ids, np.int64),
+                        np.asarray(row.logp, np.float32),
+                        np.zeros(len(pos), bool),
                     )
+                    cands.append(Candidate(self.pivot, dist, 0.0))
+                    own.append(per_byte_nll(row.gold_nll, sup_bytes))
+                    chunks.append(lambda row=row: token_chunks(row.gold_nll))
                 for s in srcs:
-                    store, alignments, vmap, lacking = per_source[s]
-                    row = store[i]
+                    src = per_source[s]
+                    row = src["store"][i]
+                    donor = src["alignments"][i]
+                    path = None
+                    if align.chain_rule:
+                        path = gold_path(
+                            pe, src["enc"][i], donor, np.asarray(row.ids), np.asarray(row.logp),
+                            np.asarray(row.gold_nll), src["vocab"], data,
+                        )  # fmt: skip
+                    local = Counter()
                     dist = project(
                         np.asarray(row.ids),
                         np.asarray(row.logp),
-                        alignments[i],
+                        donor,
                         gold,
-                        vmap,
-                        unsupported_gold=lacking[gold],
-                        counts=stats["sources"][s]["projection"],
+                        src["map"],
+                        unsupported_gold=src["lacking"][gold],
+                        counts=local,
+                        path=path,
+                        dropped_mass=align.dropped_mass,
                     )
-                    cands.append(Candidate(s, dist, per_byte_nll(row.gold_nll, sup_bytes)))
-                fused = fuse(self.recipe.fuse.function, cands, gold, vocab_size, choices)
+                    counts[s].update(local)
+                    by_domain[s].setdefault(domains[i], Counter()).update(local)
+                    cands.append(Candidate(s, dist, 0.0))
+                    own.append(per_byte_nll(row.gold_nll, sup_bytes))
+                    chunks.append(
+                        lambda pe=pe, enc=src["enc"][i], row=row: source_chunks(
+                            pe, enc, np.asarray(row.gold_nll)
+                        )
+                    )
+                if fuse_cfg.score == "projected":
+                    scores = projected_scores([c.dist for c in cands], gold, vocab_size, gold_bytes)
+                else:
+                    scores = np.asarray(own, dtype=np.float64)
+                for c, sc in zip(cands, scores.tolist()):
+                    c.score = sc
+                fused = fuse(fuse_cfg.function, cands, gold, vocab_size, choices)
+                # the chunk-level loss (train.loss: alm) learns from the sequence's best-scored candidate
+                chunk_of_row, chunk_lp = chunks[int(np.argmin(scores))]()
                 tokens.append(pe.ids.astype(np.int32))
                 supervised.append(pe.supervised)
                 tok_off.append(tok_off[-1] + len(pe.ids))
                 t_ids.append(fused.ids)
                 t_logp.append(fused.logp)
                 tgt_off.append(tgt_off[-1] + len(pos))
+                c_ids.append(chunk_of_row.astype(np.int32))
+                c_logp.append(chunk_lp.astype(np.float32))
+                c_off.append(c_off[-1] + len(chunk_lp))
             width = max(x.shape[1] for x in t_ids)
             pad = lambda a, v: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=v)  # noqa: E731
             np.save(tmp / "tokens.npy", np.concatenate(tokens))
@@ -384,9 +471,20 @@ class Workspace:
                 tmp / "target_logp.npy", np.concatenate([pad(x, -np.inf) for x in t_logp]).astype(np.float16)
             )
             np.save(tmp / "tgt_offsets.npy", np.asarray(tgt_off, np.int64))
+            np.save(tmp / "chunk_ids.npy", np.concatenate(c_ids))
+            np.save(tmp / "chunk_logp.npy", np.concatenate(c_logp) if c_logp else np.zeros(0, np.float32))
+            np.save(tmp / "chunk_offsets.npy", np.asarray(c_off, np.int64))
             for s in srcs:
-                stats["sources"][s]["projection"] = dict(stats["sources"][s]["projection"])
+                stats["sources"][s]["projection"] = dict(counts[s])
+                stats["sources"][s]["targets"] = summarize_counts(counts[s])
+                stats["sources"][s]["targets_by_domain"] = {
+                    d: summarize_counts(c) for d, c in sorted(by_domain[s].items())
+                }
             stats["choices"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in choices.items()}
+            stats["chunks"] = {
+                "chunks": int(c_off[-1]),
+                "rows in a chunk": int(sum((x >= 0).sum() for x in c_ids)),
+            }
             meta = {
                 "target": target,
                 "pivot": self.pivot,

@@ -192,16 +192,38 @@ def write_report(
         L += ["", "![loss curves](loss_curves.png)", ""]
     if stats:
         L += ["## Alignment and fusion", ""]
+        L += [
+            "What each source teaches, per domain: **mean q(gold)** is the target's probability of the pivot's "
+            "next token, **top-1 = gold** the share of rows whose most probable target token is it, **dropped** "
+            "the source mass with no pivot id (spread over the rest), **chain** the rows whose gold token got "
+            "its probability by the chain rule, **fallback** the rows trained on the gold token alone.",
+            "",
+            "| target | source | domain | rows | projected | mean q(gold) | top-1 = gold | dropped | chain | fallback |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for t, st in stats.items():
+            for s, ss in st.get("sources", {}).items():
+                per = dict(ss.get("targets_by_domain", {}))
+                if "targets" in ss:
+                    per["all"] = ss["targets"]
+                for d, g in per.items():
+                    chain = sum(v for k, v in g.items() if k.startswith("gold path: chain rule"))
+                    fallback = sum(v for k, v in g.items() if k.startswith("fallback:"))
+                    L.append(
+                        f"| `{t}` | `{s}` | {d} | {g.get('positions', 0)} | {g.get('projected share', 0):.1%} | "
+                        f"{g.get('mean q(gold)', float('nan')):.3f} | {g.get('top-1 is gold', float('nan')):.1%} | "
+                        f"{g.get('mean dropped mass', 0):.4f} | {chain} | {fallback} |"
+                    )
+        L.append("")
         for t, st in stats.items():
             L.append(f"**{t}**: fused-target choices {json.dumps(st.get('choices', {}))}")
             for s, ss in st.get("sources", {}).items():
                 cov = ss.get("coverage", {})
                 total = sum(cov.values()) or 1
-                proj = ss.get("projection", {})
                 L.append(
                     f"- `{s}`: token alignment "
                     + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in cov.items())
-                    + f"; projection {json.dumps(proj)}"
+                    + f"; vocabulary {json.dumps(ss.get('vocab', {}))}"
                 )
             L.append("")
     prompts = recipe.evaluate.prompts
