@@ -297,3 +297,12 @@ def test_diagnostics_summarise_the_targets():
     assert got["positions"] == len(case.donor) and 0 < got["projected share"] <= 1
     assert 0 <= got["mean q(gold)"] <= 1 and 0 <= got["top-1 is gold"] <= 1
     assert got["mean dropped mass"] == 0
+
+
+def test_candidates_that_spell_a_prefix_of_a_longer_gold_token_are_counted_as_approximated():
+    case = Case(PIVOT)  # the source tokenises like the pivot: gold `\n   ` after `x):`
+    case.set("x):", {"\n   ": 0.7, "\n": 0.2})
+    counts = Counter()
+    case.project(counts=counts)
+    assert case.path().unextended[case.pivot_row("x):")]
+    assert counts["gold path: other candidates not extended"] == 1

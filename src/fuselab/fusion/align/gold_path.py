@@ -20,7 +20,7 @@ The mass found this way is moved from the pivot token that v1 itself maps to (it
 pivot's gold token; the rest of v1's mass (continuations other than the gold text) stays on the prefix,
 which is what the pivot would write for most of them. Only the gold path has stored continuations, so other
 candidates whose text is a proper prefix of a longer pivot token are not extended (counted as
-``other candidates not extended`` in the diagnostics of :mod:`fuselab.fusion.align.project`).
+``gold path: other candidates not extended`` in the diagnostics of :mod:`fuselab.fusion.align.project`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ class GoldPath:
     logp: np.ndarray  # float64 [n]: log P_source(pivot gold token), nan where the chain rule was not applied
     first: np.ndarray  # int64 [n]: the source's gold token v1 at the donor position (-1 without a donor)
     status: np.ndarray  # int8 [n]: one of the codes above
+    # bool [n]: another stored candidate spells a proper prefix of the pivot's gold token; its continuation
+    # is not stored, so its mass stays on the shorter pivot token it maps to (approximated, counted)
+    unextended: np.ndarray | None = None
 
 
 def gold_path(
@@ -77,8 +80,9 @@ def gold_path(
     first = np.full(n, -1, dtype=np.int64)
     status = np.full(n, NO_DONOR, dtype=np.int8)
     has = donor >= 0
+    unextended = np.zeros(n, dtype=bool)
     if not has.any():
-        return GoldPath(logp, first, status)
+        return GoldPath(logp, first, status, unextended)
     p_end = pivot.spans.ends[p_pos + 1]  # end of the pivot's gold token
     q = np.where(has, s_pos[np.maximum(donor, 0)], 0)  # donor source position
     s_end = source.spans.ends
@@ -115,7 +119,17 @@ def gold_path(
             logp[r] = total
         else:
             status[r] = UNAVAILABLE
-    return GoldPath(logp, first, status)
+    p_start = pivot.spans.starts[p_pos + 1]
+    surfaces = source_vocab.surfaces
+    for r in np.flatnonzero(has & (p_end - p_start > 1)).tolist():
+        gold_text = text[int(p_start[r]) : int(p_end[r])]
+        for c in np.asarray(source_ids[donor[r]]).tolist():
+            if c != first[r] and 0 <= c < len(surfaces):
+                sc = surfaces[c]
+                if 0 < len(sc) < len(gold_text) and gold_text.startswith(sc):
+                    unextended[r] = True
+                    break
+    return GoldPath(logp, first, status, unextended)
 
 
 def _log_prefix_mass(

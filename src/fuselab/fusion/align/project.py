@@ -168,6 +168,8 @@ def _diagnostics(
             if hit:
                 counts[f"gold path: {name}"] += hit
         counts["gold path: chain mass added"] += int(chained[projected].sum())
+        if path.unextended is not None:
+            counts["gold path: other candidates not extended"] += int(path.unextended[projected].sum())
 
 
 def summarize_counts(counts: Counter | dict) -> dict[str, float]:
