@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument(
-        "--stdlib-train", type=int, default=200, help="stdlib functions added to the 131 problems"
-    )
+    ap.add_argument("--stdlib-train", type=int, default=50, help="stdlib functions added to the 131 problems")
     ap.add_argument("--stdlib-heldout", type=int, default=100)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--lr", type=float, default=1e-4)

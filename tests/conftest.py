@@ -17,6 +17,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("FUSELAB_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `dtype: auto` / `bf16: auto` resolve to float32 in the tests whatever the CPU, so that results do not depend on
+# the machine (tests of the detection itself mock it, tests/test_hardware.py).
+os.environ["FUSELAB_CPU_BF16"] = "0"
 
 
 def pytest_report_header(config):

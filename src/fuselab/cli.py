@@ -49,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if getattr(args, "command", None) not in (None, "models", "info"):
+        from fuselab.utils.hardware import configure_threads
+
+        configure_threads()  # torch's threads = the cores this process may use (affinity, cgroup quota)
     try:
         return int(args.handler(args) or 0)
     except FuselabError as err:

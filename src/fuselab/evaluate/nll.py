@@ -46,7 +46,7 @@ class NLLScore:
         return {**asdict(self), "per_token": self.per_token, "per_byte": self.per_byte}
 
 
-def load_scorer(model_path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> Any:
+def load_scorer(model_path: str | Path, *, device: str = "cpu", dtype: str = "auto") -> Any:
     """The extraction forward of the model in ``model_path`` (its ``.model`` is the loaded causal LM)."""
     from fuselab.fusion.extract import ExtractSettings, TransformersTopK
 
@@ -59,7 +59,7 @@ def assistant_nll(
     *,
     batch_tokens: int = 4096,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     label: str = "",
     show_progress: bool = True,
     scorer: Any = None,

@@ -37,7 +37,7 @@ class ExtractSettings:
     chunk_positions: int = 1024  # positions per LM-head call (bounds the float32 logits at chunk × vocab)
     shard_tokens: int = 200_000  # supervised tokens per shard (resume granularity)
     device: str = "cpu"
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
+    dtype: str = "auto"  # bfloat16 where native (GPU, AVX512-BF16/AMX CPU), else float32
     backend: str = "transformers"  # or "vllm"
 
     def store_meta(self) -> dict[str, Any]:
@@ -183,14 +183,11 @@ def _make_runner(model_path: Path, settings: ExtractSettings):
 
 
 def resolve_dtype(dtype: str, device: str):
-    import torch
+    """``auto``: bfloat16 where it is native on ``device`` (CUDA with bf16, a CPU with AVX512-BF16/AMX), else
+    float32 (:mod:`fuselab.utils.hardware`)."""
+    from fuselab.utils.hardware import resolve_dtype as resolve
 
-    if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; valid: auto, float32, bfloat16, float16") from None
+    return resolve(dtype, device, what="extract.dtype")
 
 
 class TransformersTopK:

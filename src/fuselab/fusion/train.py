@@ -149,9 +149,10 @@ def _trainer_class():
 def training_arguments(cfg: TrainConfig, work: Path, *, show_progress: bool, device: str | None = None):
     from transformers import TrainingArguments
 
-    bf16 = cfg.bf16
-    if bf16 == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    from fuselab.utils.hardware import resolve_bf16
+
+    on = "cuda" if torch.cuda.is_available() and device != "cpu" else "cpu"
+    bf16 = resolve_bf16(cfg.bf16, on, what="train.bf16")
     return TrainingArguments(
         output_dir=str(work),
         per_device_train_batch_size=cfg.batch_size,

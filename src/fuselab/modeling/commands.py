@@ -44,8 +44,15 @@ def add_parsers(subparsers: Any) -> None:
         help="describe a checkpoint (architecture, size, vocabulary, tokenizer family) without loading it",
         description="Describe a checkpoint folder, catalog model or cached hub id, from headers only.",
     )
-    info.add_argument("model", metavar="PATH_OR_NAME", help="checkpoint folder, catalog name, or org/name")
+    info.add_argument(
+        "model", metavar="PATH_OR_NAME", nargs="?", help="checkpoint folder, catalog name, or org/name"
+    )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.add_argument(
+        "--hardware",
+        action="store_true",
+        help="describe this machine instead: native bf16 or not, usable cores, the precision each stage uses",
+    )
     info.set_defaults(handler=_info)
 
 
@@ -104,6 +111,22 @@ def _info(args: argparse.Namespace) -> int:
     from fuselab.modeling.inspect import describe_checkpoint
     from fuselab.modeling.resolve import resolve_model
 
+    if args.hardware:
+        from fuselab.utils.hardware import describe
+
+        hw = describe()
+        if args.json:
+            print(json.dumps(hw, indent=2))
+        else:
+            for key, value in hw.items():
+                if isinstance(value, dict):
+                    print(f"{key}:")
+                    print("\n".join(f"  {k}: {v}" for k, v in value.items()))
+                else:
+                    print(f"{key}: {value}")
+        return 0
+    if not args.model:
+        raise ConfigError("name a checkpoint (`fuselab info PATH_OR_NAME`) or pass --hardware")
     info = describe_checkpoint(resolve_model(args.model, fetch=False))
     print(json.dumps(info.to_dict(), indent=2) if args.json else info.to_text())
     return 0

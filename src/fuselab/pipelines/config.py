@@ -58,7 +58,9 @@ class EvaluateStage(StrictModel):
     sources: bool = Field(True, description="also score the sources (compared per byte)")
     prompts: list[str] = Field(default_factory=list, description="user messages answered by every model")
     max_new_tokens: int = Field(64, ge=1)
-    dtype: str = Field("float32", description="float32 | bfloat16 | float16")
+    dtype: str = Field(
+        "auto", description="auto (bfloat16 where native, else float32) | float32 | bfloat16 | float16"
+    )
     device: str = "cpu"
 
 

@@ -41,15 +41,20 @@ def model_cost(path) -> ModelCost:
 _RATE: dict[str, float] = {}
 
 
-def flops_per_second(device: str = "cpu") -> float:
-    """Effective FLOP/s of transformer work on ``device``, from a ~0.2 s matmul probe (cached)."""
-    if device in _RATE:
-        return _RATE[device]
+def flops_per_second(device: str = "cpu", dtype: str = "auto") -> float:
+    """Effective FLOP/s of transformer work on ``device`` in the precision that will really run (``auto``
+    resolved by :mod:`fuselab.utils.hardware`), from a ~0.2 s matmul probe (cached)."""
+    from fuselab.utils.hardware import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype, device, what="estimate")
+    key = f"{device}/{torch_dtype}"
+    if key in _RATE:
+        return _RATE[key]
     import torch
 
     n = 1536
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
     a @ b  # warm-up
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < 0.2:
@@ -58,8 +63,8 @@ def flops_per_second(device: str = "cpu") -> float:
     if device != "cpu":
         torch.cuda.synchronize()
     rate = 2 * n**3 * reps / (time.perf_counter() - start)
-    _RATE[device] = rate * (EFFICIENCY_CPU if device == "cpu" else EFFICIENCY_GPU)
-    return _RATE[device]
+    _RATE[key] = rate * (EFFICIENCY_CPU if device == "cpu" else EFFICIENCY_GPU)
+    return _RATE[key]
 
 
 def forward_seconds(cost: ModelCost, tokens: int, scored: int, rate: float) -> float:

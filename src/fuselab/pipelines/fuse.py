@@ -210,7 +210,7 @@ class FusePipeline:
         from fuselab.data.render import encode
         from fuselab.pipelines import estimate as est
 
-        rate = est.flops_per_second(self.recipe.extract.device)
+        rate = est.flops_per_second(self.recipe.extract.device, self.recipe.extract.dtype)
         cost = {n: est.model_cost(p) for n, p in self.ws.paths.items()}
         items: list[PlanItem] = []
         k = self.recipe.extract.k
@@ -417,6 +417,8 @@ class FusePipeline:
         return [self.merged_name()], []
 
     def _run_evaluate(self) -> tuple[list[str], list[str]]:
+        import torch
+
         from fuselab.evaluate.generate import generate_answers
         from fuselab.evaluate.nll import assistant_nll, load_scorer
 
@@ -447,7 +449,7 @@ class FusePipeline:
                     max_new_tokens=ev.max_new_tokens,
                     fallback_template=self.ws.tokenizer(self.pivot),
                     device=ev.device,
-                    model=scorer.model if ev.dtype == "float32" else None,
+                    model=scorer.model if scorer.model.dtype == torch.float32 else None,
                 )
                 if ev.prompts
                 else []

@@ -40,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity chunk (default 2048)")
     e.add_argument("--max-chunks", type=int, default=None, help="use at most this many chunks")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     e.add_argument(
         "--lm-eval",
@@ -97,14 +97,13 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         require_lm_eval()  # fail before loading the model
 
-    import torch
-
     from fuselab.modeling.resolve import resolve_model
     from fuselab.modeling.tokenizers import load_tokenizer
     from fuselab.prune.loading import load_pruned_model
     from fuselab.utils.atomic import atomic_write_json
+    from fuselab.utils.hardware import resolve_dtype
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, args.device, what="--dtype")
     path = resolve_model(args.model)
     model = load_pruned_model(path, dtype=dtype).to(args.device)
     tokenizer = load_tokenizer(path)

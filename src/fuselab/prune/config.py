@@ -84,8 +84,10 @@ class PruneRecipe(StrictModel):
     calibration: CalibrationConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="dtype of the model during the search (exported weights keep theirs)"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="dtype of the model during the search (exported weights keep theirs); auto: bfloat16 "
+        "where native, else float32",
     )
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
 

@@ -41,7 +41,13 @@ from fuselab.utils.errors import ConfigError, FuselabError
 from fuselab.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def search_dtype(recipe: PruneRecipe) -> torch.dtype:
+    """The recipe's ``dtype`` (``auto``: bfloat16 where native, else float32) on its device."""
+    from fuselab.utils.hardware import resolve_dtype
+
+    return resolve_dtype(recipe.dtype, recipe.device, what="prune dtype")
 
 
 @dataclass
@@ -69,7 +75,7 @@ def fingerprint(recipe: PruneRecipe, model_dir: Path, chunks: torch.Tensor) -> d
         "method": recipe.method,
         "block_types": recipe.block_types,
         "batch_size": recipe.search.batch_size,
-        "dtype": recipe.dtype,
+        "dtype": str(search_dtype(recipe)).removeprefix("torch."),  # what really runs (auto resolved)
     }
 
 
@@ -95,7 +101,7 @@ def _model_and_tokenizer(recipe: PruneRecipe) -> tuple[Path, Any, Any]:
 
     model_dir = resolve_model(recipe.model)
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[recipe.dtype])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=search_dtype(recipe))
     return model_dir, tokenizer, model.to(recipe.device).eval()
 
 
@@ -246,7 +252,7 @@ def run_prune(
                 "decilm_not_used_because": info.decilm_note or None,
             }
             if recipe.export.verify:
-                extra["verification"] = verify_export(tmp, model, chunks, DTYPES[recipe.dtype])
+                extra["verification"] = verify_export(tmp, model, chunks, search_dtype(recipe))
         dense_ppl = runner.ppl(dense_nll)
         write_outputs(tmp, out, recipe, model_dir, layout, rounds, dense_nll, dense_ppl, extra, source)
         if state_dir.exists() and (state_dir / "events.jsonl").is_file():

@@ -171,7 +171,9 @@ class TrainingConfig(StrictModel):
     logging_steps: int = Field(1, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end)")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (for resuming)")
-    bf16: bool = Field(False, description="bf16 mixed precision (fp32 master weights)")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 mixed precision (fp32 master weights); auto: where bf16 is native"
+    )
     gradient_checkpointing: bool = False
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype the policy is loaded in")
     pad_to_multiple_of: int | None = Field(None, ge=1)

@@ -34,11 +34,10 @@ def pick_device(name: str) -> Any:
 
 
 def pick_dtype(name: str, device: Any) -> Any:
-    import torch
+    """``auto``: bfloat16 where it is native on ``device``, else float32 (:mod:`fuselab.utils.hardware`)."""
+    from fuselab.utils.hardware import resolve_dtype
 
-    if name == "auto":
-        return torch.bfloat16 if getattr(device, "type", "cpu") == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return resolve_dtype(name, device, what="sampling.dtype")
 
 
 def load_tokenizer(path: str | Path) -> Any:

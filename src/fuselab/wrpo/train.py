@@ -80,7 +80,7 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> An
         "seed": t.seed,
         "data_seed": t.seed,
         "logging_steps": t.logging_steps,
-        "bf16": t.bf16,
+        "bf16": _bf16(t.bf16),
         "activation_checkpointing": t.gradient_checkpointing,  # transformers 5.23+ name of gradient_checkpointing
         "report_to": t.report_to or "none",
         "save_strategy": "steps" if t.save_steps else "no",
@@ -95,6 +95,15 @@ def training_arguments(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> An
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"training: the TrainingArguments are not valid: {err}") from None
+
+
+def _bf16(flag: bool | str) -> bool:
+    """``training.bf16``: ``auto`` is bf16 autocast where bf16 is native (:mod:`fuselab.utils.hardware`)."""
+    import torch
+
+    from fuselab.utils.hardware import resolve_bf16
+
+    return resolve_bf16(flag, "cuda" if torch.cuda.is_available() else "cpu", what="training.bf16")
 
 
 def _load_model(path: Path, dtype: str) -> Any:
@@ -157,7 +166,7 @@ def run_train(
                     pad_token_id=tok.pad_token_id,
                     batch_size=cfg.reference.batch_size,
                     dtype=cfg.training.dtype,
-                    bf16=cfg.training.bf16,
+                    bf16=_bf16(cfg.training.bf16),
                     device=args.device,
                     cache=cfg.reference.cache_dir,
                 )
