@@ -156,3 +156,76 @@ def test_shortgpt_and_layer_search_commands(tmp_path):
     search = json.loads((tmp_path / "out" / "search.json").read_text())
     assert search["export"]["format"] == "stock" and len(search["block_influence"]) == 4
     assert main(["prune", str(recipe), str(tmp_path / "ls"), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        ({"num_blocks": 99}, "stop.num_blocks is 99, but the model has 4 layers = 8 blocks"),
+        ({"num_blocks": 8}, "Use stop.num_blocks <= 7"),
+        (
+            {"target_ratio": 0.99},
+            "stop.target_ratio 0.99 cannot be reached: the model has 4 layers = 8 blocks",
+        ),
+    ],
+)
+def test_prune_refuses_a_stop_rule_the_model_cannot_meet(tmp_path, capsys, stop, expected):
+    # It used to run out of candidates and write a 0-layer "stock checkpoint" with exit status 0.
+    recipe = _setup(tmp_path, **stop)
+    assert main(["prune", str(recipe), "--no-progress"]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.search-state").exists()
+
+
+def test_prune_attention_only_counts_attention_blocks(tmp_path, capsys):
+    recipe = _setup(tmp_path, num_blocks=5)
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**data, "block_types": "attn"}))
+    assert main(["prune", str(recipe), "--no-progress"]) == 2
+    assert "4 of them attn blocks (block_types: attn)" in capsys.readouterr().err
+
+
+def test_prune_eval_loads_fuselabs_own_decilm_export_without_the_remote_code_prompt(
+    tmp_path, monkeypatch, capsys
+):
+    # The export's config.json names configuration_decilm.py in auto_map, so transformers asked "Do you
+    # wish to run the custom code? [y/N]" on every load and unattended prune-eval jobs hung.
+    import builtins
+    import contextlib
+    import shutil
+
+    from fuselab.prune.loading import load_pruned_tokenizer
+    from fuselab.utils.errors import FuselabError
+
+    recipe = _setup(tmp_path)
+    assert main(["prune", str(recipe), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and "auto_map" in config  # the remote-code case
+    prompts: list[str] = []
+
+    def no_prompt(text: str = "") -> str:
+        prompts.append(text)
+        return "n"
+
+    monkeypatch.setattr(builtins, "input", no_prompt)
+    args = [
+        "prune-eval",
+        str(out),
+        "--data",
+        str(tmp_path / "cal.txt"),
+        "--seqlen",
+        "16",
+        "--max-chunks",
+        "2",
+    ]
+    assert main(args) == 0
+    assert prompts == [] and "perplexity" in capsys.readouterr().out
+    # Only fuselab's own exports: the same folder without fuselab's provenance is arbitrary remote code.
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    del config["fuselab_block_pruning"]
+    (other / "config.json").write_text(json.dumps(config))
+    with contextlib.suppress(FuselabError):  # answering "n" may or may not end the load
+        load_pruned_tokenizer(other)
+    assert prompts, "a checkpoint fuselab did not write must still ask before running its code"

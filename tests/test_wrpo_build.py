@@ -27,6 +27,22 @@ def length_score(prompt, response, row, modulo=5):
     return float(len(response) % modulo)
 
 
+def nan_score(prompt, response, row):
+    return float("nan")
+
+
+def inf_score(prompt, response, row):
+    return float("inf")
+
+
+def raising_score(prompt, response, row):
+    raise KeyError("no reference answer")
+
+
+def text_score(prompt, response, row):
+    return "good"
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("wrpo-build")
@@ -180,3 +196,41 @@ def test_llm_judge_refuses_remote_endpoints_unless_allowed():
         build_scorer({"type": "llm_judge", "base_url": "https://api.example.com/v1", "model": "m"})
     assert parse_judge_score("Score: 7.5/10") == 7.5
     assert parse_judge_score("no idea") != parse_judge_score("no idea")  # NaN
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        ("nan_score", "no usable rows: every one of the 18 source scores is NaN or infinite: scorer python"),
+        ("inf_score", "no usable rows: every one of the 18 source scores is NaN or infinite"),
+        ("raising_score", "scorer python failed on prompt 'q0': KeyError: 'no reference answer'"),
+        ("text_score", "scorer python returned 'good' (str) for response 1 of prompt 'q0'"),
+    ],
+)
+def test_build_with_a_scorer_that_scores_nothing_is_an_error(models, tmp_path, capsys, function, expected):
+    # It used to exit 0 with an empty wrpo.jsonl (NaN / inf) or a traceback (raises / not a number).
+    from fuselab.wrpo.build import run_build
+
+    recipe = _recipe(
+        models,
+        scorer={"type": "python", "function": f"test_wrpo_build:{function}"},
+        sft={"share": 0.34, "train": False},
+    )
+    with pytest.raises(ConfigError) as err:
+        run_build(recipe, tmp_path / "data")
+    assert expected in str(err.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_build_says_why_when_every_prompt_is_dropped(models, tmp_path):
+    from fuselab.wrpo.build import run_build
+
+    recipe = _recipe(
+        models,
+        scorer={"type": "python", "function": "test_wrpo_build:length_score", "options": {"modulo": 1}},
+        sft={"share": 0.34, "train": False},
+    )
+    with pytest.raises(
+        ConfigError, match="every prompt was dropped .*dropped_target_all_equal: 4.*all_equal: keep"
+    ):
+        run_build(recipe, tmp_path / "data")

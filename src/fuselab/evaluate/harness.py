@@ -236,14 +236,13 @@ def evaluate_checkpoint(
     import torch
 
     from fuselab.modeling.resolve import resolve_model
-    from fuselab.modeling.tokenizers import load_tokenizer
-    from fuselab.prune.loading import load_pruned_model
+    from fuselab.prune.loading import load_pruned_model, load_pruned_tokenizer
 
     path = resolve_model(str(model_ref))
     model = load_pruned_model(path, dtype=dtype or torch.float32).to(device)
     result = run_lm_eval(
         model,
-        load_tokenizer(path),
+        load_pruned_tokenizer(path),  # fuselab's DeciLM exports: no trust-remote-code prompt
         tasks,
         include_paths,
         builtin,

@@ -98,15 +98,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         require_lm_eval()  # fail before loading the model
 
     from fuselab.modeling.resolve import resolve_model
-    from fuselab.modeling.tokenizers import load_tokenizer
-    from fuselab.prune.loading import load_pruned_model
+    from fuselab.prune.loading import load_pruned_model, load_pruned_tokenizer
     from fuselab.utils.atomic import atomic_write_json
     from fuselab.utils.hardware import resolve_dtype
 
     dtype = resolve_dtype(args.dtype, args.device, what="--dtype")
     path = resolve_model(args.model)
     model = load_pruned_model(path, dtype=dtype).to(args.device)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_pruned_tokenizer(path)  # no trust-remote-code prompt for fuselab's own exports
     report: dict = {"model": str(path), "dtype": args.dtype}
     if args.data:
         from fuselab.prune.evaluate import file_perplexity

@@ -57,9 +57,8 @@ def evaluate_path(
     model_path: str | Path, files: list[str], seqlen: int, max_chunks: int | None, dtype: torch.dtype
 ) -> PerplexityResult:
     from fuselab.modeling.resolve import resolve_model
-    from fuselab.modeling.tokenizers import load_tokenizer
-    from fuselab.prune.loading import load_pruned_model
+    from fuselab.prune.loading import load_pruned_model, load_pruned_tokenizer
 
     path = resolve_model(str(model_path))
     model = load_pruned_model(path, dtype=dtype)
-    return file_perplexity(model, load_tokenizer(path), files, seqlen, max_chunks)
+    return file_perplexity(model, load_pruned_tokenizer(path), files, seqlen, max_chunks)

@@ -33,11 +33,35 @@ def pruning_section(path: str | Path) -> dict[str, Any] | None:
     return json.loads(config_file.read_text()).get(FORMAT_KEY)
 
 
+def _base_config(section: dict[str, Any]) -> Any:
+    """The stock config the pruned model was cut from (stored by fuselab's export), built by transformers."""
+    from transformers import AutoConfig
+
+    base = dict(section["base_config"])
+    return AutoConfig.for_model(base.pop("model_type"), **base)
+
+
+def load_pruned_tokenizer(path: str | Path, **kwargs: Any) -> Any:
+    """The tokenizer of a checkpoint, without transformers' trust-remote-code prompt for fuselab's exports.
+
+    A DeciLM export's ``config.json`` names ``configuration_decilm.py`` in ``auto_map`` (vLLM reads that
+    layout), so ``AutoTokenizer`` stopped at the interactive "run the custom code?" prompt and unattended
+    jobs hung. For a checkpoint that carries the ``fuselab_block_pruning`` section fuselab's export writes,
+    the tokenizer gets the stock base config from that section instead, so no remote code is read or run at
+    all. Any other checkpoint loads as it always did: arbitrary remote code still asks, or fails."""
+    from fuselab.modeling.tokenizers import load_tokenizer
+
+    section = pruning_section(path)
+    if section is not None and section.get("format_version") == 1 and "config" not in kwargs:
+        kwargs["config"] = _base_config(section)
+    return load_tokenizer(path, **kwargs)
+
+
 def load_pruned_model(
     path: str | Path, dtype: torch.dtype | None = torch.float32, **kwargs: Any
 ) -> nn.Module:
     """A causal LM from ``path``: any stock checkpoint, or one with single blocks removed by fuselab."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     path = Path(path)
@@ -46,8 +70,7 @@ def load_pruned_model(
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).eval()
     if section.get("format_version") != 1:
         raise FuselabError(f"{path}: unknown fuselab pruning format {section.get('format_version')!r}")
-    base = dict(section["base_config"])
-    config = AutoConfig.for_model(base.pop("model_type"), **base)
+    config = _base_config(section)
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the removed blocks' weights are missing on purpose
     try:

@@ -151,6 +151,38 @@ def nested_sets(rounds: list[Round]) -> dict[str, list[list[Any]]]:
     return out
 
 
+def check_stop_reachable(recipe: PruneRecipe, layout: BlockLayout) -> None:
+    """Refuse a stop rule the model cannot satisfy without losing every block it may lose.
+
+    Without this the greedy search simply ran out of candidates and exported a model with no layers (exit
+    0). ``num_blocks`` must be below the number of removable blocks when those are all of the model's blocks,
+    and at most that number otherwise; ``target_ratio`` must be below the ratio of removing them all."""
+    if recipe.method == "blockpruner" and recipe.block_types != "mix":
+        kinds: tuple[str, ...] = (recipe.block_types,)
+    else:
+        kinds = ("attn", "mlp")
+    removable = [Block(k, i) for i in range(layout.num_layers) for k in kinds]
+    every_block = len(kinds) == 2
+    what = f"the model has {layout.num_layers} layers = {2 * layout.num_layers} blocks" + (
+        "" if every_block else f", {len(removable)} of them {kinds[0]} blocks (block_types: {kinds[0]})"
+    )
+    n = recipe.stop.num_blocks
+    limit = len(removable) - 1 if every_block else len(removable)
+    if n is not None and n > limit:
+        raise ConfigError(
+            f"stop.num_blocks is {n}, but {what}; removing {'them all' if n >= len(removable) else n} would "
+            f"leave {'no layer' if every_block else 'none of them'}. Use stop.num_blocks <= {limit}"
+        )
+    ratio = recipe.stop.target_ratio
+    if ratio is not None:
+        most = layout.ratio(removable)
+        if ratio >= most - 1e-12:
+            raise ConfigError(
+                f"stop.target_ratio {ratio} cannot be reached: {what}, and removing every one of them removes "
+                f"{most:.4f} of the parameters (embeddings and head stay). Use stop.target_ratio < {most:.4f}"
+            )
+
+
 def run_prune(
     recipe: PruneRecipe | str | Path,
     out_dir: str | Path | None = None,
@@ -172,9 +204,10 @@ def run_prune(
         shutil.rmtree(state_dir)
 
     model_dir, tokenizer, model = _model_and_tokenizer(recipe)
+    layout = inspect_blocks(model)
+    check_stop_reachable(recipe, layout)  # before calibration and search, which are the expensive part
     cal = recipe.calibration
     chunks = calibration_chunks(cal.files, tokenizer, cal.seqlen, cal.num_chunks, cal.num_rows, cal.seed)
-    layout = inspect_blocks(model)
     log.info(
         "%s: %d layers, %d blocks; attention block %.2f M, MLP block %.2f M of %.1f M parameters",
         model_dir.name,

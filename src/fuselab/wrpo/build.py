@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import shutil
 import time
 from collections import Counter
@@ -24,6 +26,7 @@ from typing import Any
 
 from fuselab.utils.atomic import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
 from fuselab.utils.config import dump_yaml
+from fuselab.utils.errors import ConfigError, FuselabError
 from fuselab.wrpo.config import BuildConfig, SamplingConfig, load_build_config
 from fuselab.wrpo.prompts import PromptRow, load_prompts, split_sft
 from fuselab.wrpo.scorers import ScoreItem, build_scorer
@@ -79,6 +82,7 @@ def sample_and_score(
     sampling: SamplingConfig,
     scorer: Any,
     folder: Path,
+    scorer_name: str = "scorer",
 ) -> dict[str, dict[str, Any]]:
     """{prompt id: {responses, scores}} for ``prompts`` from one model, resuming from ``folder``."""
     from fuselab.modeling.resolve import resolve_model
@@ -118,10 +122,61 @@ def sample_and_score(
         if p.id in scored:
             continue
         responses = done[p.id]["responses"]
-        scores = scorer.score([ScoreItem(p.messages, r, p.row) for r in responses])
+        scores = _score(scorer, scorer_name, p, responses)
         _append(scores_path, [{"id": p.id, "scores": scores}])
         scored[p.id] = {"scores": scores}
     return {p.id: {"responses": done[p.id]["responses"], "scores": scored[p.id]["scores"]} for p in prompts}
+
+
+def _score(scorer: Any, name: str, prompt: PromptRow, responses: list[str]) -> list[float]:
+    """The scorer's scores for one prompt's responses, checked: one real number per response.
+
+    A scorer that raises or returns something other than numbers is a broken scorer, named at once with
+    the prompt and the value (not a traceback after hours of sampling). NaN and infinity are kept as NaN:
+    "could not score this one" (a judge that did not answer), ignored by selection and counted."""
+    try:
+        scores = scorer.score([ScoreItem(prompt.messages, r, prompt.row) for r in responses])
+    except FuselabError:
+        raise
+    except Exception as err:
+        raise ConfigError(
+            f"scorer {name} failed on prompt {prompt.id!r}: {type(err).__name__}: {err}; fix the scorer (a "
+            "response it cannot score should get NaN, not an exception)"
+        ) from err
+    if not isinstance(scores, (list, tuple)) or len(scores) != len(responses):
+        got = f"{len(scores)} values" if isinstance(scores, (list, tuple)) else type(scores).__name__
+        raise ConfigError(
+            f"scorer {name} returned {got} for the {len(responses)} responses of prompt {prompt.id!r}; it must "
+            "return one number per response"
+        )
+    out = []
+    for i, v in enumerate(scores):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise ConfigError(
+                f"scorer {name} returned {v!r} ({type(v).__name__}) for response {i + 1} of prompt "
+                f"{prompt.id!r}; scores must be numbers (NaN for a response it cannot score)"
+            )
+        v = float(v)
+        out.append(v if math.isfinite(v) else math.nan)
+    return out
+
+
+def _no_rows_error(name: str, what: str, scores: list[float], counts: Counter[str]) -> ConfigError:
+    """Why a build produced nothing usable, from the scores and the selection's counts."""
+    bad = sum(1 for x in scores if math.isnan(x))
+    if scores and bad == len(scores):
+        reason = (
+            f"every one of the {len(scores)} {what} scores is NaN or infinite: scorer {name} scored nothing "
+            "(check its options, endpoint or function)"
+        )
+    else:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k.startswith("dropped"))
+        reason = (
+            f"every prompt was dropped ({detail or 'no prompts'}; {bad} of {len(scores)} scores unusable)"
+        )
+        if counts.get("dropped_target_all_equal"):
+            reason += "; for equal target scores, use `selection: {all_equal: keep}` or sample more (`n`)"
+    return ConfigError(f"wrpo build produced no usable rows: {reason}. Nothing was written")
 
 
 def _source_samples(pid: str, per_source: list[tuple[str, dict[str, dict[str, Any]]]]) -> list[Sample]:
@@ -149,15 +204,26 @@ def run_build(recipe: str | Path | BuildConfig, out_dir: str | Path, *, force: b
     prompts = load_prompts(cfg.prompts)
     sft_prompts, wrpo_prompts = split_sft(prompts, cfg.sft.share, cfg.seed)
     scorer = build_scorer(cfg.scorer)
+    scorer_name = str(cfg.scorer.get("type", "scorer"))
 
     # 1. Sources on every prompt.
     per_source = []
     for k, src in enumerate(cfg.sources):
         name = src.name or src.model
         table = sample_and_score(
-            f"source-{k}", src.model, prompts, src.n or cfg.sampling.n, cfg.sampling, scorer, work / "samples"
+            f"source-{k}",
+            src.model,
+            prompts,
+            src.n or cfg.sampling.n,
+            cfg.sampling,
+            scorer,
+            work / "samples",
+            scorer_name,
         )
         per_source.append((name, table))
+    source_scores = [float(s) for _, t in per_source for r in t.values() for s in r["scores"]]
+    if prompts and all(math.isnan(x) for x in source_scores):  # before SFT and target sampling
+        raise _no_rows_error(scorer_name, "source", source_scores, Counter())
 
     # 2. SFT set (+ SFT model) on y_ws of the SFT share.
     sft_rows = []
@@ -185,7 +251,7 @@ def run_build(recipe: str | Path | BuildConfig, out_dir: str | Path, *, force: b
     # 3. Target (after SFT) on the WRPO prompts.
     tsampling = cfg.target_sampling or cfg.sampling
     target = sample_and_score(
-        "target", target_ref, wrpo_prompts, tsampling.n, tsampling, scorer, work / "samples"
+        "target", target_ref, wrpo_prompts, tsampling.n, tsampling, scorer, work / "samples", scorer_name
     )
 
     # 4. Selection.
@@ -214,6 +280,9 @@ def run_build(recipe: str | Path | BuildConfig, out_dir: str | Path, *, force: b
             }
         )
 
+    if wrpo_prompts and not wrpo_rows:
+        target_scores = [float(s) for r in target.values() for s in r["scores"]]
+        raise _no_rows_error(scorer_name, "target", target_scores, counts)
     stats = {
         "prompts": len(prompts),
         "sft_prompts": len(sft_prompts),

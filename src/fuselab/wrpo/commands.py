@@ -24,6 +24,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="replace OUT_DIR if it exists, once the build succeeded"
     )
     b.add_argument("--list-scorers", action="store_true", help="list the scorers, then exit")
+    b.add_argument(
+        "--unsafe-exec",
+        action="store_true",
+        help=(
+            "where user namespaces are unavailable, run generated code with rlimits and an in-process guard "
+            "only, instead of refusing (only for code you trust; same as FUSELAB_UNSAFE_EXEC=1)"
+        ),
+    )
     b.set_defaults(handler=_build)
 
     t = wsub.add_parser("train", help="WRPO training (single process or under accelerate launch)")
@@ -48,6 +56,13 @@ def _build(args: argparse.Namespace) -> int:
             print(f"{name}: {spec.summary} (options: {opts})")
         return 0
     from fuselab.wrpo.build import run_build
+
+    if args.unsafe_exec:
+        import os
+
+        from fuselab.wrpo.sandbox import UNSAFE_ENV
+
+        os.environ[UNSAFE_ENV] = "1"  # read by every execution sandbox of this process
 
     result = run_build(args.recipe, args.out_dir, force=args.force)
     print(

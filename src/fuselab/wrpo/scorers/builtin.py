@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from fuselab.utils.config import StrictModel
 from fuselab.utils.errors import ConfigError, FuselabError
-from fuselab.wrpo.sandbox import SandboxLimits, namespace_available
+from fuselab.wrpo.sandbox import SandboxLimits, choose_isolation
 from fuselab.wrpo.scorers.execution import row_prompt_text, run_tests
 from fuselab.wrpo.scorers.registry import ScoreItem, register_scorer
 
@@ -31,22 +31,26 @@ class ExecutionOptions(StrictModel):
     memory_mb: int = Field(512, ge=64, description="address-space limit of the test process")
     file_size_mb: int = Field(8, ge=1)
     partial_credit: bool = Field(True, description="score the share of asserts passed (else 1/0)")
-    require_network_namespace: bool = Field(
+    unsafe_exec: bool = Field(
         False,
-        description="refuse to run when `unshare -rn` is unavailable (the in-process guard still holds)",
+        description=(
+            "where user namespaces are unavailable, run generated code without OS isolation (rlimits, "
+            "timeout and the in-process guard only) instead of refusing; same as --unsafe-exec or "
+            "FUSELAB_UNSAFE_EXEC=1. Never used where the namespace sandbox works"
+        ),
     )
 
 
 class ExecutionScorer:
     def __init__(self, options: ExecutionOptions) -> None:
-        if options.require_network_namespace and not namespace_available():
-            raise ConfigError(
-                "scorer execution: require_network_namespace is set but `unshare -rn` does not work here "
-                "(user namespaces disabled?); unset it to rely on the in-process network guard"
-            )
+        # Decided here, before any model is sampled: refuse now rather than after hours of sampling.
+        isolation = choose_isolation(options.unsafe_exec)
         self.options = options
         self.limits = SandboxLimits(
-            timeout_s=options.timeout_s, memory_mb=options.memory_mb, file_size_mb=options.file_size_mb
+            timeout_s=options.timeout_s,
+            memory_mb=options.memory_mb,
+            file_size_mb=options.file_size_mb,
+            isolation=isolation,
         )
 
     def score(self, items: list[ScoreItem]) -> list[float]:
@@ -267,7 +271,8 @@ class PythonScorer:
         self.kwargs = options.options
 
     def score(self, items: list[ScoreItem]) -> list[float]:
-        return [float(self.fn(it.prompt, it.response, it.row, **self.kwargs)) for it in items]
+        # Returned as they are: the build checks them and names a value that is not a number.
+        return [self.fn(it.prompt, it.response, it.row, **self.kwargs) for it in items]
 
 
 @register_scorer("python", PythonOptions, "a Python function module:function(prompt, response, row)")
