@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from fuselab.cli import main
 from fuselab.merge import MergeRecipe, run_merge
+from fuselab.utils.config import validate_config
 from fuselab.utils.errors import (
     ConfigError,
     FuselabError,
@@ -22,7 +23,19 @@ from fuselab.utils.errors import (
     NonFiniteError,
     OutputExistsError,
 )
-from helpers.merge_formulas import ref_linear, ref_sce, ref_task_arithmetic, ref_ties, ref_varm_matrix
+from helpers.merge_formulas import (
+    ref_breadcrumbs,
+    ref_linear,
+    ref_model_stock,
+    ref_multislerp,
+    ref_nuslerp,
+    ref_sce,
+    ref_slerp,
+    ref_task_arithmetic,
+    ref_ties,
+    ref_varm_matrix,
+)
+from helpers.merge_models import make_family, state
 from helpers.models import perturbed, random_model, save_model, tiny_llama_config, tiny_qwen2_config
 
 INPUT_IDS = torch.tensor([[1, 5, 17, 42, 99, 250, 3, 7, 8, 120]])
@@ -31,16 +44,7 @@ INPUT_IDS = torch.tensor([[1, 5, 17, 42, 99, 250, 3, 7, 8, 120]])
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama base and three 'fine-tunes' of it (float32, tied embeddings)."""
-    root = tmp_path_factory.mktemp("family")
-    base = random_model(tiny_llama_config(), seed=0)
-    paths = {"base": save_model(base, root / "base")}
-    for i in range(3):
-        paths[f"ft{i}"] = save_model(perturbed(base, seed=10 + i, scale=0.01), root / f"ft{i}")
-    return paths
-
-
-def state(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path / "model.safetensors")
+    return make_family(tmp_path_factory.mktemp("family"))
 
 
 def logits_of_state(config_dir: Path, sd: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -106,6 +110,48 @@ FORMULAS = {
         lambda fam: recipe("varm", fam, fts(fam)),
         lambda b, ws: ref_varm_matrix(b, ws),
     ),
+    "slerp": (  # the base is one of the two models, as in mergekit's recipes
+        lambda fam: recipe(
+            "slerp", fam, [{"model": str(fam["base"])}, {"model": str(fam["ft0"])}], params={"t": 0.3}
+        ),
+        lambda b, ws: ref_slerp(b, ws[0], 0.3),
+    ),
+    "nuslerp": (
+        lambda fam: recipe(
+            "nuslerp",
+            fam,
+            [{"model": str(fam[f"ft{i}"]), "parameters": {"weight": w}} for i, w in ((0, 1.0), (1, 3.0))],
+        ),
+        lambda b, ws: b + ref_nuslerp(ws[0] - b, ws[1] - b, 0.75),
+    ),
+    "nuslerp_rows_no_base": (
+        lambda fam: recipe(
+            "nuslerp",
+            fam,
+            [{"model": str(fam[f"ft{i}"]), "parameters": {"weight": 0.5}} for i in (0, 1)],
+            base=False,
+            params={"nuslerp_flatten": False},
+        ),
+        lambda b, ws: ref_nuslerp(ws[0], ws[1], 0.5, flatten=False),
+    ),
+    "multislerp": (
+        lambda fam: recipe("multislerp", fam, fts(fam, weight=1.0)),
+        lambda b, ws: b + ref_multislerp([w - b for w in ws], [1.0] * 3),
+    ),
+    "model_stock": (
+        lambda fam: recipe("model_stock", fam, fts(fam)),
+        lambda b, ws: ref_model_stock(b, ws),
+    ),
+    "breadcrumbs": (
+        lambda fam: recipe("breadcrumbs", fam, fts(fam, weight=0.4, density=0.7, gamma=0.05)),
+        lambda b, ws: ref_breadcrumbs(b, ws, [0.4] * 3, [0.7] * 3, [0.05] * 3),
+    ),
+    "breadcrumbs_ties": (
+        lambda fam: recipe(
+            "breadcrumbs_ties", fam, fts(fam, weight=0.4, density=0.7, gamma=0.05), params={"normalize": True}
+        ),
+        lambda b, ws: ref_breadcrumbs(b, ws, [0.4] * 3, [0.7] * 3, [0.05] * 3, ties=True, normalize=True),
+    ),
 }
 
 
@@ -169,18 +215,37 @@ def test_varm_layer_granularity(family, tmp_path):
         torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
 
 
-def test_dare_is_seeded(family, tmp_path):
-    r = recipe("dare_ties", family, fts(family, weight=0.5, density=0.5))
+def assert_seeded(r: dict, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The same seed gives the same merge, another seed another one; returns the first merge."""
     run_merge(r, tmp_path / "a", show_progress=False)
     run_merge(r, tmp_path / "b", show_progress=False)
     run_merge(r, tmp_path / "c", seed=1, show_progress=False)
     a, b, c = state(tmp_path / "a"), state(tmp_path / "b"), state(tmp_path / "c")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+    return a
+
+
+def test_dare_is_seeded(family, tmp_path):
+    a = assert_seeded(recipe("dare_ties", family, fts(family, weight=0.5, density=0.5)), tmp_path)
     base = state(family["base"])
     w = "model.layers.0.mlp.up_proj.weight"
     changed = (a[w] != base[w]).float().mean().item()
     assert 0.5 < changed < 0.95  # dropped entries keep the base value where no kept delta survives
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_is_seeded_and_checked_before_reading(family, tmp_path, monkeypatch, method):
+    assert_seeded(recipe(method, family, fts(family, weight=0.5, density=0.5, epsilon=0.2)), tmp_path)
+    from fuselab.modeling.checkpoint import Checkpoint
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a tensor was read before the parameters were checked")
+
+    monkeypatch.setattr(Checkpoint, "read", no_reads)
+    bad = recipe(method, family, fts(family, weight=0.5, density=0.9, epsilon=0.2))
+    with pytest.raises(ConfigError, match=r"density ± epsilon must lie inside \(0, 1\).*below 0.1"):
+        run_merge(bad, tmp_path / "d", show_progress=False)
 
 
 # -- layout, dtypes, sharding, ties ---------------------------------------------------------------------------------
@@ -414,7 +479,13 @@ def test_missing_tokenizer_is_an_error(family, tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"merge_method": "slerp"}, "unknown merge method 'slerp'; valid methods"),
+        ({"merge_method": "slerpy"}, "unknown merge method 'slerpy'; valid methods"),
+        ({"merge_method": "karcher"}, "merge_method `karcher` is a mergekit method .* use `multislerp`"),
+        (
+            {"merge_method": "slerp", "parameters": {"t": 0.5}},
+            "slerp merges exactly 1 model.* besides the base",
+        ),
+        ({"merge_method": "slerp"}, "slerp needs `t`"),
         ({"modles": []}, r"modles: unknown key \(valid keys here: .*models"),
         (
             {"parameters": {"normalise": True}},
@@ -422,10 +493,15 @@ def test_missing_tokenizer_is_an_error(family, tmp_path):
         ),
         ({"parameters": {"density": 1.5}}, r"density` must be <= 1.0"),
         ({"parameters": {"normalize": "yes"}}, "`normalize` must be true or false"),
-        ({"slices": [{"sources": []}]}, "`slices` is not supported"),
-        ({"tokenizer_source": "union"}, "tokenizer source `union` builds a new vocabulary"),
-        ({"base_model": None}, "ties works on task vectors and needs `base_model`"),
-        ({"chat_template": "chatml"}, "chat_template must be a Jinja template"),
+        (
+            {"slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}]}]},
+            "give exactly one of `models`.*not both",
+        ),
+        ({"models": [], "slices": [{"sources": []}]}, r"sources: List should have at least 1 item"),
+        ({"modules": {"text": {}}}, "`modules` is not supported: .*use `slices`"),
+        ({"tokenizer": {"source": "base", "tokens": {"x": {}}}}, "`tokenizer.tokens` .* is not supported"),
+        ({"base_model": None}, "ties works from a base model and needs `base_model`"),
+        ({"chat_template": "chatmlx"}, r"chat_template must be a built-in name \(alpaca, chatml"),
     ],
 )
 def test_recipe_errors(family, tmp_path, change, message):
@@ -467,6 +543,58 @@ tokenizer_source: base
 """
     r = MergeRecipe.model_validate(yaml.safe_load(text))
     assert r.merge_method == "sce" and r.output_dtype_name() == "bfloat16" and r.tokenizer_ref == "base"
+
+
+# Every key of a mergekit 0.1.5 recipe (mergekit/config.py: MergeConfiguration, OutputSliceDefinition,
+# InputSliceDefinition, InputModelDefinition; mergekit/tokenizer/config.py: TokenizerConfig) with a value a
+# mergekit user would write: None where fuselab accepts it, else (text naming the key, what to do instead).
+_MODELS = {"models": [{"model": "a", "parameters": {"weight": 0.5}}, {"model": "b"}]}
+_SLICE = {"sources": [{"model": "a", "layer_range": [0, 2]}]}
+MERGEKIT_RECIPE_KEYS = [
+    ("merge_method", {"merge_method": "linear"}, None),
+    ("base_model", {"base_model": "base"}, None),
+    ("models", _MODELS, None),
+    ("models[].parameters", {"models": [{"model": "a", "parameters": {"weight": [0.1, 0.9]}}]}, None),
+    ("slices", {"models": [], "slices": [_SLICE]}, None),
+    ("slices[].base_model", {"models": [], "slices": [{**_SLICE, "base_model": "a"}]}, None),
+    ("slices[].parameters", {"models": [], "slices": [{**_SLICE, "parameters": {"weight": 1.0}}]}, None),
+    (
+        "slices[].sources[].parameters",
+        {"models": [], "slices": [{"sources": [{**_SLICE["sources"][0], "parameters": {"weight": 1.0}}]}]},
+        None,
+    ),
+    (
+        "slices[].residual_weight",
+        {"models": [], "slices": [{**_SLICE, "residual_weight": 0.5}]},
+        ("`residual_weight`", "remove it"),
+    ),
+    ("modules", {"modules": {"text_decoder": {"slices": [_SLICE]}}}, ("`modules`", "use `slices`")),
+    ("parameters", {"parameters": {"normalize": True}}, None),
+    ("dtype", {"dtype": "bfloat16"}, None),
+    ("out_dtype", {"out_dtype": "float16"}, None),
+    ("tokenizer_source", {"tokenizer_source": "union"}, None),
+    ("tokenizer.source", {"tokenizer": {"source": "base"}}, None),
+    ("tokenizer.pad_to_multiple_of", {"tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, None),
+    (
+        "tokenizer.tokens",
+        {"tokenizer": {"source": "union", "tokens": {"<|im_start|>": {"source": "a"}}}},
+        ("`tokenizer.tokens`", "remove it"),
+    ),
+    ("chat_template", {"chat_template": "chatml"}, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "change", "refusal"), MERGEKIT_RECIPE_KEYS, ids=[k for k, _, _ in MERGEKIT_RECIPE_KEYS]
+)
+def test_every_mergekit_recipe_key_is_supported_or_refused_with_an_alternative(key, change, refusal):
+    data = {"merge_method": "linear", **_MODELS, **change}
+    if refusal is None:
+        MergeRecipe.model_validate(data)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate_config(MergeRecipe, data, "recipe")
+    assert all(part in str(err.value) for part in refusal), str(err.value)
 
 
 def test_streaming_holds_at_most_two_tensors_per_input(family, tmp_path, monkeypatch):

@@ -10,9 +10,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "merge",
         help="merge models of one architecture in parameter space (mergekit-compatible recipes)",
         description=(
-            "Merge models of one architecture tensor by tensor (linear, task_arithmetic, ties, dare_linear, "
-            "dare_ties, sce, varm). RECIPE uses mergekit's YAML format. Memory grows with the largest tensor, "
-            "not with the model."
+            "Merge models of one architecture tensor by tensor (see --list-methods), or stack their layers "
+            "(`slices` with passthrough). RECIPE uses mergekit's YAML format. Memory grows with the largest "
+            "tensor, not with the model."
         ),
     )
     p.add_argument("recipe", nargs="?", help="YAML recipe (mergekit format)")
@@ -37,8 +37,11 @@ def _list_methods() -> int:
 
     for name in merge_method_names():
         m = get_merge_method(name)
-        base = "needs base_model" if m.needs_base else "no base needed"
-        print(f"{name}: {m.summary} ({base}; {m.reference})")
+        base = {"deltas_if_base": "base_model optional"}.get(
+            m.inputs, "needs base_model" if m.needs_base else "no base needed"
+        )
+        count = f"merges {m.count_text()} model(s)"
+        print(f"{name}: {m.summary} ({base}; {count}; {m.reference})")
         for p in m.params:
             scope = "per model" if p.per_model else "global"
             default = "required" if p.default is REQUIRED else f"default {p.default!r}"

@@ -1,7 +1,8 @@
 """Checks that the inputs of a parameter-space merge can be merged, done before any tensor is read.
 
-Every input must have the reference's architecture, structure, tensor names and shapes. The first
-difference is reported with the fix, because a late failure (or, worse, a silent broadcast) after minutes of
+Every input must have the reference's architecture and structure (the layer count may differ for ``slices``,
+the vocabulary when it is aligned), and every tensor the plan reads must exist with the output's shape. The
+first difference is reported with the fix, because a late failure (or, worse, a silent broadcast) after minutes of
 streaming is what users of merge tools complain about most.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fuselab.modeling.checkpoint import Checkpoint
 from fuselab.utils.errors import IncompatibleModelsError
@@ -70,7 +72,10 @@ def tensor_source(ckpt: Checkpoint, name: str, pairs: Sequence[tuple[str, str]])
     return None
 
 
-def _check_config(reference: Checkpoint, ckpt: Checkpoint, ref_label: str, label: str) -> None:
+def check_config(
+    reference: Checkpoint, ckpt: Checkpoint, ref_label: str, label: str, ignore: frozenset[str] = frozenset()
+) -> None:
+    """Same architecture and the same structure keys (except those in ``ignore``) as the reference."""
     if ckpt.architecture != reference.architecture:
         raise IncompatibleModelsError(
             f"{label} is a {ckpt.architecture} but {ref_label} is a {reference.architecture}; "
@@ -80,69 +85,105 @@ def _check_config(reference: Checkpoint, ckpt: Checkpoint, ref_label: str, label
     ref_cfg, cfg = reference.text_config(), ckpt.text_config()
     for key in STRUCTURE_KEYS:
         a, b = ref_cfg.get(key), cfg.get(key)
-        if a != b:
+        if a != b and key not in ignore:
             extra = ""
             if key == "vocab_size":
                 extra = (
                     " (the models have different vocabularies; parameter merging needs the same vocabulary: "
-                    "merge models that share one tokenizer, or use `fuselab fusion`, which aligns different "
-                    "vocabularies)"
+                    "merge models that share one tokenizer, set `tokenizer_source: union` (or a model, or "
+                    "`base`) to align the embedding rows as mergekit does, or use `fuselab fusion`, which aligns "
+                    "different vocabularies by distillation)"
                 )
+            elif key == "num_hidden_layers":
+                extra = " (models of different depths can be combined with `slices`)"
             raise IncompatibleModelsError(
                 f"config `{key}` differs: {b} in {label} but {a} in {ref_label}{extra}"
             )
 
 
-def _sources(ckpt: Checkpoint, label: str, ref_label: str, names: Sequence[str], pairs) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for name in names:
-        src = tensor_source(ckpt, name, pairs)
-        if src is None:
-            raise IncompatibleModelsError(
-                f"{label} has no tensor `{name}`, which {ref_label} has; the checkpoints do not have the same "
-                "layout (different architecture variant or a partial checkpoint)"
-            )
-        mapping[name] = src
-    return mapping
+@dataclass(frozen=True)
+class PlannedRead:
+    """One output tensor: the tensor each input contributes, and the one whose layout the output takes."""
+
+    name: str
+    reads: tuple[tuple[Checkpoint, str], ...]
+    layout: tuple[Checkpoint, str]
+    vocabulary: bool = False  # rows follow the vocabulary (aligned separately): the first axis may differ
+
+
+def _stored(ckpt: Checkpoint, name: str, label: str, ref_label: str, pairs) -> str:
+    src = tensor_source(ckpt, name, pairs)
+    if src is None:
+        raise IncompatibleModelsError(
+            f"{label} has no tensor `{name}`, which {ref_label} has; the checkpoints do not have the same "
+            "layout (different architecture variant or a partial checkpoint)"
+        )
+    return src
 
 
 def check_mergeable(
-    reference: Checkpoint, others: Sequence[Checkpoint], labels: dict[int, str], output_names: Sequence[str]
+    reference: Checkpoint,
+    planned: Sequence[PlannedRead],
+    labels: dict[int, str],
+    *,
+    ignore_keys: frozenset[str] = frozenset(),
+    whole_models: bool = True,
 ) -> dict[int, dict[str, str]]:
-    """Validate ``others`` against ``reference``; return, per checkpoint (by ``id``), output name -> stored name.
+    """Validate every planned read; return, per checkpoint (by ``id``), tensor name -> stored name.
 
-    ``labels`` maps ``id(checkpoint)`` to how the user named it, for the messages.
+    ``labels`` maps ``id(checkpoint)`` to how the user named it, for the messages. For whole-model merges
+    (``whole_models``) a tensor an input holds but the reference lacks is an error too, and a separately
+    stored head of a model whose reference ties it is reported.
     """
     ref_label = labels.get(id(reference), str(reference.path))
     pairs = tied_pairs(reference)
-    tied_heads = {o for o, _ in pairs}
-    ref_map = _sources(reference, ref_label, ref_label, output_names, pairs)
-    sources = {id(reference): ref_map}
-    for ckpt in others:
-        if id(ckpt) in sources:
+    ckpts = {id(reference): reference}
+    for p in planned:
+        ckpts.update({id(c): c for c, _ in p.reads})
+    for ckpt in ckpts.values():
+        if ckpt is not reference:
+            check_config(reference, ckpt, ref_label, labels.get(id(ckpt), str(ckpt.path)), ignore_keys)
+    sources: dict[int, dict[str, str]] = {k: {} for k in ckpts}
+    for p in planned:
+        layout_ckpt, layout_name = p.layout
+        a = layout_ckpt.tensors[_stored(layout_ckpt, layout_name, ref_label, ref_label, pairs)]
+        a_label = labels.get(id(layout_ckpt), str(layout_ckpt.path))
+        sources[id(layout_ckpt)][layout_name] = a.name
+        for ckpt, name in p.reads:
+            label = labels.get(id(ckpt), str(ckpt.path))
+            b = ckpt.tensors[_stored(ckpt, name, label, ref_label, pairs)]
+            sources[id(ckpt)][name] = b.name
+            same = (
+                a.shape[1:] == b.shape[1:] and len(a.shape) == len(b.shape)
+                if p.vocabulary
+                else a.shape == b.shape
+            )
+            if not same:
+                raise IncompatibleModelsError(
+                    f"tensor `{p.name}` has shape {list(b.shape)} in {label} but {list(a.shape)} in {a_label}"
+                    + _shape_hint(a.shape, b.shape, reference.text_config().get("vocab_size"))
+                )
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                raise IncompatibleModelsError(
+                    f"tensor `{p.name}` is {b.dtype} in {label} but {a.dtype} in {a_label}"
+                )
+    if whole_models:
+        _check_whole_models(reference, ckpts, sources, labels, ref_label, {o for o, _ in pairs})
+    return sources
+
+
+def _check_whole_models(reference, ckpts, sources, labels, ref_label, tied_heads) -> None:
+    for key, ckpt in ckpts.items():
+        if ckpt is reference:
             continue
-        label = labels.get(id(ckpt), str(ckpt.path))
-        _check_config(reference, ckpt, ref_label, label)
-        mapping = _sources(ckpt, label, ref_label, output_names, pairs)
-        used = set(mapping.values())
+        label = labels.get(key, str(ckpt.path))
+        used = set(sources[key].values())
         extra_names = [n for n in ckpt.tensors if n not in used and n not in tied_heads]
         if extra_names:
             raise IncompatibleModelsError(
                 f"{label} has tensor `{extra_names[0]}`, which {ref_label} lacks; the checkpoints do not have "
                 "the same layout"
             )
-        for name in output_names:
-            a = reference.tensors[ref_map[name]]
-            b = ckpt.tensors[mapping[name]]
-            if a.shape != b.shape:
-                raise IncompatibleModelsError(
-                    f"tensor `{name}` has shape {list(b.shape)} in {label} but {list(a.shape)} in {ref_label}"
-                    + _shape_hint(a.shape, b.shape, reference.text_config().get("vocab_size"))
-                )
-            if a.dtype.is_floating_point != b.dtype.is_floating_point:
-                raise IncompatibleModelsError(
-                    f"tensor `{name}` is {b.dtype} in {label} but {a.dtype} in {ref_label}"
-                )
         for head in tied_heads & set(ckpt.tensors) - used:
             log.warning(
                 "%s stores `%s` separately, but %s ties it to the input embedding; the output follows %s, so this "
@@ -152,14 +193,13 @@ def check_mergeable(
                 ref_label,
                 ref_label,
             )
-        sources[id(ckpt)] = mapping
-    return sources
 
 
 def _shape_hint(a: tuple[int, ...], b: tuple[int, ...], vocab: int | None) -> str:
     if len(a) == len(b) and a and a[0] != b[0] and vocab in (a[0], b[0]):
         return (
             f" (vocabulary sizes differ: {b[0]} vs {a[0]} rows in the embedding; parameter merging needs the same "
-            "vocabulary, use `fuselab fusion` for models with different tokenizers)"
+            "vocabulary: set `tokenizer_source: union` (or a model) to align the rows as mergekit does, or use "
+            "`fuselab fusion` for models with different tokenizers)"
         )
     return ""

@@ -7,7 +7,9 @@
 - A conditional value (or a list of them) applies the first whose ``filter`` is a substring of the tensor
   name (no filter, or ``*``, matches everything).
 
-Per-model parameters override the recipe's global ``parameters``.
+Settings are looked up along a chain, most specific first: a model's (or slice source's) own ``parameters``,
+then its slice's, then the recipe's global ``parameters``; a setting whose filters match nothing falls
+through to the next. With ``slices`` the depth ``t`` runs over the layers of each slice.
 """
 
 from __future__ import annotations
@@ -24,6 +26,20 @@ def layer_index(tensor_name: str) -> int | None:
     """Index of the decoder layer a tensor belongs to (``model.layers.7.mlp...`` -> 7), else None."""
     m = _LAYER_RE.search(tensor_name)
     return int(m.group(1)) if m else None
+
+
+def with_layer(tensor_name: str, index: int) -> str:
+    """``tensor_name`` with its decoder-layer number replaced by ``index``."""
+    m = _LAYER_RE.search(tensor_name)
+    if m is None:
+        raise ValueError(f"{tensor_name} is not in a decoder layer")
+    return f"{tensor_name[: m.start(1)]}{index}{tensor_name[m.end(1) :]}"
+
+
+def layer_stack(tensor_name: str) -> str | None:
+    """The prefix naming the stack of layers a tensor belongs to (``model.layers.``), else None."""
+    m = _LAYER_RE.search(tensor_name)
+    return tensor_name[: m.start(1)] if m else None
 
 
 def layer_fraction(tensor_name: str, num_layers: int) -> float:
@@ -59,6 +75,19 @@ def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> A
             return (1 - frac) * setting[i0] + frac * setting[i1]
         return setting[int(t * (len(setting) - 1))]
     raise TypeError(f"unexpected parameter setting {setting!r}")
+
+
+Settings = dict[str, ParameterSetting] | None
+
+
+def lookup(chain: tuple[Settings, ...], name: str, tensor_name: str, t: float) -> Any:
+    """The value of parameter ``name`` from the first settings in ``chain`` that give one for this tensor."""
+    for settings in chain:
+        if settings and name in settings:
+            value = evaluate_setting(settings[name], tensor_name, t)
+            if value is not None:
+                return value
+    return None
 
 
 def setting_endpoints(setting: ParameterSetting) -> list[Any]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fuselab.merge.methods.masks import bernoulli_mask, weighted_consensus_mean
-from fuselab.merge.methods.task_arithmetic import SCALE, WEIGHT, weighted_sum
+from fuselab.merge.methods.masks import bernoulli_mask
+from fuselab.merge.methods.task_arithmetic import SCALE, WEIGHT, merge_task_vectors
 from fuselab.merge.methods.ties import CONSENSUS, DENSITY, INT8_MASK
 from fuselab.merge.registry import Param, register_merge_method
 
@@ -46,7 +46,7 @@ def dare_linear(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     keep, scales = drop_masks(deltas, density, rescale, generator)
-    return weighted_sum(deltas, weight, normalize, lambda_, keep, scales)
+    return merge_task_vectors(deltas, weight, keep, scales, normalize=normalize, lambda_=lambda_)
 
 
 @register_merge_method(
@@ -70,7 +70,6 @@ def dare_ties(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     keep, scales = drop_masks(deltas, density, rescale, generator)
-    out = weighted_consensus_mean(deltas, weight, consensus, normalize, keep, scales)  # type: ignore[arg-type]
-    if lambda_ != 1.0:
-        out.mul_(lambda_)
-    return out
+    return merge_task_vectors(
+        deltas, weight, keep, scales, normalize=normalize, lambda_=lambda_, consensus=consensus
+    )

@@ -20,6 +20,12 @@ def blocks(numel: int, block: int = BLOCK) -> list[slice]:
     return [slice(i, min(i + block, numel)) for i in range(0, numel, block)]
 
 
+def row_blocks(matrix: torch.Tensor, block: int = BLOCK) -> list[slice]:
+    """Slices of whole rows of a 2-D tensor, about ``block`` entries each."""
+    per = max(1, block // max(matrix.shape[1], 1))
+    return [slice(i, min(i + per, matrix.shape[0])) for i in range(0, matrix.shape[0], per)]
+
+
 def _kth_largest_inplace(work: torch.Tensor, k: int) -> float:
     """The k-th largest value of ``work`` (1-based); ``work`` is a scratch copy and gets reordered.
 
@@ -85,6 +91,31 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return _mask_from_threshold(flat, threshold, k, torch.abs).reshape(delta.shape)
 
 
+def magnitude_band_mask(delta: torch.Tensor, skip: int, keep: int) -> torch.Tensor:
+    """Boolean mask of the entries ranked ``skip`` … ``skip + keep − 1`` by descending ``|delta|``.
+
+    The ranking is the one :func:`magnitude_mask` uses (ties towards the lower flat index), so ``skip = 0`` is
+    the top-``keep`` mask. Model Breadcrumbs' step: drop the ``skip`` largest entries (outliers) and everything
+    below the band. Both thresholds come from one scratch copy of ``|delta|`` by selection.
+    """
+    n = delta.numel()
+    hi = min(n, skip + keep)
+    if hi <= skip:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    flat = delta.reshape(-1)
+    work = flat.abs()
+
+    def top(k: int) -> torch.Tensor:
+        if k >= n:
+            return torch.ones(n, dtype=torch.bool, device=delta.device)
+        return _mask_from_threshold(flat, _kth_largest_inplace(work, k), k, torch.abs)
+
+    mask = top(hi)
+    if skip > 0:
+        mask &= ~top(skip)
+    return mask.reshape(delta.shape)
+
+
 def bernoulli_mask(
     like: torch.Tensor, density: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -140,8 +171,9 @@ def weighted_consensus_mean(
     keep: Sequence[torch.Tensor | None] | None = None,
     scales: Sequence[float] | None = None,
     vote_weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
 ) -> torch.Tensor:
-    """TIES "disjoint merge": Σ_k w_k·1[agree_k]·δ̂_k, divided by Σ_k w_k·1[agree_k] when ``normalize``.
+    """TIES "disjoint merge": λ·Σ_k w_k·1[agree_k]·δ̂_k, divided by Σ_k w_k·1[agree_k] when ``normalize``.
 
     δ̂_k = scale_k·(δ_k ⊙ keep_k): the trimmed (TIES) or dropped-and-rescaled (DARE) delta; ``keep`` holds
     boolean masks (None: keep all), ``scales`` default to 1. The sign is elected on v_k·δ̂_k with
@@ -173,4 +205,6 @@ def weighted_consensus_mean(
             den[den == 0] = 1.0
             num.div_(den)
         out_flat[sl] = num
+    if lambda_ != 1.0:
+        out.mul_(lambda_)
     return out

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fuselab.merge.methods.masks import weighted_consensus_mean
 from fuselab.merge.registry import Param, register_merge_method
 
 SCALE = Param("lambda", float, default=1.0, help="scale of the merged task vector")
@@ -47,3 +48,29 @@ def weighted_sum(
     if lambda_ != 1.0:
         out.mul_(lambda_)
     return out
+
+
+def merge_task_vectors(
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    keep: Sequence[torch.Tensor | None] | None = None,
+    scales: Sequence[float] | None = None,
+    *,
+    normalize: bool,
+    lambda_: float,
+    consensus: str | None = None,
+) -> torch.Tensor:
+    """The merge step the sparsifying task-vector methods share (TIES, DARE, breadcrumbs, DELLA; mergekit's
+    "generalized task arithmetic"): with a ``consensus`` method, TIES' sign election and disjoint mean of the
+    masked, rescaled deltas; without, their weighted sum."""
+    if consensus is None:
+        return weighted_sum(deltas, weights, normalize, lambda_, keep, scales)
+    return weighted_consensus_mean(
+        deltas,
+        weights,
+        consensus,  # type: ignore[arg-type]
+        normalize,
+        keep,
+        scales,
+        lambda_=lambda_,
+    )

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fuselab.merge.methods.masks import magnitude_mask, weighted_consensus_mean
-from fuselab.merge.methods.task_arithmetic import SCALE, WEIGHT
+from fuselab.merge.methods.masks import magnitude_mask
+from fuselab.merge.methods.task_arithmetic import SCALE, WEIGHT, merge_task_vectors
 from fuselab.merge.registry import Param, register_merge_method
 
 
@@ -24,6 +24,13 @@ def l1_rescale(delta: torch.Tensor, keep: torch.Tensor | None) -> float:
     total = float(torch.linalg.vector_norm(delta, 1))
     kept = float(torch.linalg.vector_norm(delta[keep], 1))
     return total / kept if kept > 1e-7 and total > 1e-7 else 1.0
+
+
+def l1_scales(
+    deltas: list[torch.Tensor], keep: list[torch.Tensor | None], rescale: bool
+) -> list[float] | None:
+    """:func:`l1_rescale` of every masked delta when ``rescale``, else None (no rescaling)."""
+    return [l1_rescale(d, m) for d, m in zip(deltas, keep)] if rescale else None
 
 
 DENSITY = Param("density", float, default=1.0, per_model=True, minimum=0.0, maximum=1.0, help="fraction kept")
@@ -62,8 +69,7 @@ def ties(
     int8_mask: bool = False,
 ) -> torch.Tensor:
     keep = [None if p >= 1 else magnitude_mask(d, p) for d, p in zip(deltas, density)]
-    scales = [l1_rescale(d, m) for d, m in zip(deltas, keep)] if rescale else None
-    out = weighted_consensus_mean(deltas, weight, consensus, normalize, keep, scales)  # type: ignore[arg-type]
-    if lambda_ != 1.0:
-        out.mul_(lambda_)
-    return out
+    scales = l1_scales(deltas, keep, rescale)
+    return merge_task_vectors(
+        deltas, weight, keep, scales, normalize=normalize, lambda_=lambda_, consensus=consensus
+    )
