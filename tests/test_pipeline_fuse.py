@@ -127,6 +127,8 @@ def test_pipeline_end_to_end_then_cached(setup, tmp_path):
     assert all(h.get("fusion_loss", 0.0) == 0.0 for h in sft_log["log_history"] if "loss" in h)
     assert "SFT baseline" in (pipe.train_dir("pivot-sft") / "README.md").read_text()
     report = (out / "report.md").read_text()
+    verdict = report.splitlines()[2]
+    assert verdict.startswith("**Verdict:") and "on chat (" in verdict and "on code (" in verdict
     for section in ("SFT-only baseline", "Held-out NLL", "loss_curves.png", "Answers", "Say hello."):
         assert section in report
     # the target diagnostics, per source and domain (here one training file: its stem is the domain)

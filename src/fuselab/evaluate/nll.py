@@ -63,10 +63,13 @@ def assistant_nll(
     label: str = "",
     show_progress: bool = True,
     scorer: Any = None,
+    encoded: Sequence[Any] | None = None,
 ) -> NLLScore:
     """NLL of the assistant tokens of ``texts`` under the causal LM in ``model_path``.
 
-    ``scorer``: a :func:`load_scorer` of that model, to share one loaded model between several calls."""
+    ``scorer``: a :func:`load_scorer` of that model, to share one loaded model between several calls;
+    ``encoded``: ``texts`` already encoded with this model's tokenizer (models that share a tokenizer, as
+    every model trained from one pivot does, share one encoding)."""
     import torch
 
     from fuselab.fusion.extract import token_batches
@@ -74,8 +77,11 @@ def assistant_nll(
     from fuselab.utils.progress import progress
 
     model_path = Path(model_path)
-    tokenizer = load_tokenizer(model_path)
-    encoded = [encode(tokenizer, t) for t in texts]
+    if encoded is None:
+        tokenizer = load_tokenizer(model_path)
+        encoded = [encode(tokenizer, t) for t in texts]
+    elif len(encoded) != len(texts):
+        raise ValueError(f"{len(encoded)} encodings for {len(texts)} texts")
     runner = scorer or load_scorer(model_path, device=device, dtype=dtype)
     lengths = [len(e.ids) for e in encoded]
     order = sorted(range(len(encoded)), key=lambda i: (lengths[i], i))

@@ -424,12 +424,14 @@ class FusePipeline:
 
         ev = self.recipe.evaluate
         ran, skipped = [], []
+        encodings: dict[str, dict[str, list]] = {}  # tokenizer files' hash -> domain -> encoded texts
         for name, (folder, kind) in self.evaluated().items():
             path = self.eval_path(name, folder)
             if path.exists():
                 skipped.append(name)
                 continue
             t0 = time.perf_counter()
+            encoded = self._encoded_heldout(folder, encodings)
             scorer = load_scorer(folder, device=ev.device, dtype=ev.dtype)  # one load for NLL and answers
             scores = {
                 domain: assistant_nll(
@@ -439,6 +441,7 @@ class FusePipeline:
                     label=f"{name} {domain}",
                     show_progress=self.show_progress,
                     scorer=scorer,
+                    encoded=encoded[domain],
                 ).to_json()
                 for domain, texts in self.heldout().items()
             }
@@ -469,6 +472,22 @@ class FusePipeline:
             )
             ran.append(name)
         return ran, skipped
+
+    def _encoded_heldout(self, folder: Path, cache: dict[str, dict[str, list]]) -> dict[str, list]:
+        """The held-out texts encoded with ``folder``'s tokenizer, once per distinct set of tokenizer files
+        (the pivot, the SFT baseline, the targets and the merged model all share the pivot's)."""
+        from fuselab.data.render import encode
+        from fuselab.modeling.tokenizers import load_tokenizer
+
+        h = hashlib.sha256()
+        files = [f for f in sorted(folder.glob("*")) if f.name.startswith(("tokenizer", "special_tokens"))]
+        for f in files:
+            h.update(f.name.encode() + f.read_bytes())
+        key = h.hexdigest() if files else str(folder)  # no tokenizer files: never shared
+        if key not in cache:
+            tok = load_tokenizer(folder)
+            cache[key] = {d: [encode(tok, t) for t in texts] for d, texts in self.heldout().items()}
+        return cache[key]
 
     def _run_report(self) -> tuple[list[str], list[str]]:
         from fuselab.pipelines.report import write_report

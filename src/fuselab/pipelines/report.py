@@ -26,6 +26,18 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Trailing running mean over ``window`` points (fewer at the start): one batch's loss is noisy, the
+    trend is what tells whether a model learns."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def plot_losses(path: Path, logs: dict[str, dict[str, Any]]) -> bool:
     import matplotlib
 
@@ -34,18 +46,22 @@ def plot_losses(path: Path, logs: dict[str, dict[str, Any]]) -> bool:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     drawn = False
-    for name, log in logs.items():
+    for i, (name, log) in enumerate(logs.items()):
         hist = [h for h in log.get("log_history", []) if "loss" in h and "step" in h]
         if not hist:
             continue
+        color = f"C{i % 10}"
+        window = max(1, min(10, len(hist) // 4))
         steps = [h["step"] for h in hist]
-        clm = [h.get("clm_loss", h["loss"]) for h in hist]
-        axes[0].plot(steps, clm, marker="o", ms=3, label=name)
+        series = [(axes[0], [h.get("clm_loss", h["loss"]) for h in hist])]
         fus = [h.get("fusion_loss") for h in hist]
-        if any(f for f in fus):
-            axes[1].plot(steps, fus, marker="o", ms=3, label=name)
+        if all(f is not None for f in fus) and any(fus):
+            series.append((axes[1], fus))
+        for ax, ys in series:
+            ax.plot(steps, ys, marker="o", ms=2, lw=0.6, alpha=0.35, color=color)
+            ax.plot(steps, running_mean(ys, window), lw=2, color=color, label=f"{name} (mean of {window})")
         drawn = True
-    axes[0].set_title("CLM loss (training batches)")
+    axes[0].set_title("CLM loss (training batches; thin: raw, thick: running mean)")
     axes[1].set_title("fusion loss (cross-entropy to fused targets)")
     for ax in axes:
         ax.set_xlabel("optimiser step")
@@ -58,7 +74,9 @@ def plot_losses(path: Path, logs: dict[str, dict[str, Any]]) -> bool:
     return drawn
 
 
-def plot_nll(path: Path, evals: dict[str, dict[str, Any]], domains: list[str]) -> None:
+def plot_nll(
+    path: Path, evals: dict[str, dict[str, Any]], domains: list[str], baseline: str | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +96,11 @@ def plot_nll(path: Path, evals: dict[str, dict[str, Any]], domains: list[str]) -
         vals = [_nll(evals[n], domain, "byte") or np.nan for n in names]
         ax.bar(range(len(names)), vals, color=[colors.get(evals[n]["kind"], "#333333") for n in names])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"held-out {domain}: NLL per assistant byte (lower is better)")
+        ax.set_title(f"held-out {domain}: NLL per assistant byte (lower is better)", fontsize=9)
+        ref = _nll(evals[baseline], domain, "byte") if baseline in evals else None
+        if ref is not None:
+            ax.axhline(ref, color=colors["baseline"], ls="--", lw=1, label="SFT-only baseline")
+            ax.legend(fontsize=8, loc="upper right")
         finite = [v for v in vals if np.isfinite(v)]
         if finite:
             lo, hi = min(finite), max(finite)
@@ -87,6 +109,24 @@ def plot_nll(path: Path, evals: dict[str, dict[str, Any]], domains: list[str]) -
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def verdict_line(verdict: dict[str, dict[str, float]], baseline: str | None) -> str:
+    """One line that says, per domain, whether the fused model beat the SFT-only baseline and by how much."""
+    if not verdict:
+        why = "no SFT-only baseline was trained (`baseline: false`)" if not baseline else "no held-out data"
+        return f"**Verdict:** not compared with SFT: {why}."
+    parts = []
+    for d, v in verdict.items():
+        rel = v["delta"] / v["baseline"] if v["baseline"] else 0.0
+        word = "better" if v["beats_baseline"] else "not better"
+        parts.append(f"{word} on {d} ({v['delta']:+.4f} NLL/token, {rel:+.2%})")
+    wins = sum(v["beats_baseline"] for v in verdict.values())
+    head = "fused beats SFT" if wins == len(verdict) else "fused does not beat SFT" if not wins else "mixed"
+    return (
+        f"**Verdict: {head}**: " + "; ".join(parts) + ". One run, one seed: a difference smaller than the "
+        "seed-to-seed spread is not a result (`benchmarks/fusion_quality.py` measures it over seeds)."
+    )
 
 
 def write_report(
@@ -107,7 +147,7 @@ def write_report(
     (folder / "fuselab_fuse.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     has_losses = plot_losses(folder / "loss_curves.png", logs)
     if domains:
-        plot_nll(folder / "heldout_nll.png", evals, domains)
+        plot_nll(folder / "heldout_nll.png", evals, domains, baseline)
 
     verdict: dict[str, Any] = {}
     if baseline and baseline in evals and fused_name in evals:
@@ -135,9 +175,8 @@ def write_report(
         if mode == "multi"
         else "one target"
     )
-    L: list[str] = [
-        f"# Fusion report: {fused_name}",
-        "",
+    L: list[str] = [f"# Fusion report: {fused_name}", "", verdict_line(verdict, baseline), ""]
+    L += [
         f"fuselab {__version__}. Pivot `{pivot}` ({recipe.pivot}); sources {sources_txt}. Fusion function "
         f"`{recipe.fuse.function}`, {how}; loss λ·CLM + (1−λ)·{recipe.train.loss.upper()} with λ = {recipe.train.lam}. "
         "The fused model is in [`model/`](model/); the resolved recipe is `fuselab_fuse.yaml`, every figure "
