@@ -78,7 +78,7 @@ def test_formats_load_the_same_conversations(tmp_path):
 )
 def test_malformed_rows_name_the_row_or_are_skipped_and_counted(tmp_path, row, reason):
     path = _write_jsonl(tmp_path / "d.jsonl", [ROWS[0], row])
-    with pytest.raises(DataError, match=r"d.jsonl row 1"):
+    with pytest.raises(DataError, match=r"d.jsonl row 2:"):  # the second row, counted from 1
         load_conversations(path)
     report = LoadReport()
     convs = load_conversations(path, on_error="skip", report=report)

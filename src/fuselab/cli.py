@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fuselab.utils.progress import silence_other_bars
+
+    silence_other_bars()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
@@ -53,16 +56,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fuselab.utils.hardware import configure_threads
 
         configure_threads()  # torch's threads = the cores this process may use (affinity, cgroup quota)
+    from fuselab.utils.atomic import Terminated, release_all_outputs, sigterm_as_interrupt
+
     try:
-        return int(args.handler(args) or 0)
+        with sigterm_as_interrupt():  # SIGTERM (a scheduler, `kill`) cleans up as Ctrl-C does
+            return int(args.handler(args) or 0)
     except FuselabError as err:
         if os.environ.get("FUSELAB_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing that looks finished was left behind", file=sys.stderr)
-        return 130
+    except Exception as err:  # the one boundary for what the OS or a library raises deep in a stage
+        from fuselab.utils.boundary import explain
+
+        message = explain(err, args)
+        if message is None or os.environ.get("FUSELAB_DEBUG"):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"{what}; nothing that looks finished was left behind", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        release_all_outputs()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fuselab.utils.boundary import read_text
 from fuselab.utils.errors import ConfigError, FuselabError
 
 ROLES = ("system", "user", "assistant")
@@ -87,7 +88,7 @@ def load_conversations(
         path = Path(path)
         for index, row in enumerate(_read_rows(path)):
             report.rows += 1
-            where = f"{path} row {index}"
+            where = f"{path} row {index + 1}"  # 1-based, as an editor counts
             try:
                 conv = parse_row(row, default_id=f"{path.stem}/{index}", where=where)
             except DataError as err:
@@ -198,8 +199,14 @@ def _read_rows(path: Path) -> Iterator[Any]:
         return
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        f"{path} line {n + 1}: not UTF-8 text ({err.reason}); save it as UTF-8"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -208,7 +215,7 @@ def _read_rows(path: Path) -> Iterator[Any]:
                     raise DataError(f"{path} line {n + 1}: not valid JSON ({err.msg})") from None
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{path}: not valid JSON ({err}); JSON Lines files need the .jsonl suffix"

@@ -37,19 +37,41 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         s.set_defaults(handler=_run)
 
 
-def _workspace(args: argparse.Namespace):
+def load_checked_recipe(path: str):
+    """The recipe, with the checks that need this machine (devices) made before any model is loaded."""
     from fuselab.fusion.config import load_recipe
+    from fuselab.utils.hardware import check_device
+
+    recipe = load_recipe(path)
+    check_device(recipe.extract.device, "extract.device")
+    return recipe
+
+
+def _workspace(args: argparse.Namespace, recipe):
     from fuselab.fusion.workspace import Workspace
 
-    recipe = load_recipe(args.recipe)
     workdir = args.workdir or recipe.workdir or str(Path("outputs/fusion") / Path(args.recipe).stem)
     return recipe, Workspace(recipe, workdir, show_progress=not args.no_progress)
 
 
 def _run(args: argparse.Namespace) -> int:
-    recipe, ws = _workspace(args)
+    from fuselab.utils.atomic import output_lock
+
+    recipe = load_checked_recipe(args.recipe)
+    recipe, ws = _workspace(args, recipe)
+    with output_lock(ws.workdir):  # one run per work folder: a second one fails at once
+        return _run_stage(args, recipe, ws)
+
+
+def _run_stage(args: argparse.Namespace, recipe, ws) -> int:
     if args.stage == "extract":
-        for name, summary in ws.extract().items():
+        from fuselab.utils.distributed import current_ranks
+
+        ranks = current_ranks()
+        done = ws.extract()
+        if not ranks.is_main:  # every rank extracted its share; one report is enough
+            return 0
+        for name, summary in done.items():
             if summary is None:
                 print(f"{name}: already extracted ({ws.store_dir(name)})")
                 continue
@@ -57,6 +79,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"{name}: {summary.tokens} supervised tokens of {summary.examples} texts in {summary.seconds:.1f} s; "
                 f"{summary.nbytes / 1e6:.1f} MB, {summary.bytes_per_token:.1f} bytes per stored token"
                 + (f" (resumed {summary.resumed_shards} finished shards)" if summary.resumed_shards else "")
+                + (f" [{ranks.count} processes]" if ranks.distributed else "")
                 + f" -> {ws.store_dir(name)}"
             )
         return 0

@@ -44,14 +44,69 @@ class DataConfig(StrictModel):
 
 
 class ExtractConfig(StrictModel):
+    """Top-k extraction. Under ``accelerate launch --num_processes N`` the shards are split over the processes
+    (shard n on rank n mod N) and the store is the same as one process writes."""
+
     k: int = Field(10, ge=1, le=256)
     temperature: float = Field(1.0, gt=0, description="applied to the teachers' full-vocabulary logits")
     batch_tokens: int = Field(8192, ge=64)
     chunk_positions: int = Field(1024, ge=1)
-    shard_tokens: int = Field(200_000, ge=1)
-    device: str = "cpu"
+    shard_tokens: int = Field(
+        200_000,
+        ge=1,
+        description="supervised tokens per shard: the unit of resume and of the split over ranks",
+    )
+    device: str = Field(
+        "cpu", description="cpu, cuda (under accelerate launch: each rank's own GPU) or cuda:N"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["transformers", "vllm"] = "transformers"
+    device_map: Literal["auto"] | None = Field(
+        None,
+        description="transformers backend: `auto` spreads a source larger than one GPU over all visible GPUs "
+        "(accelerate's device map); one process only",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm backend: GPUs one model is split over (vLLM's tensor parallelism)"
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vllm backend: share of each GPU's memory vLLM may take (vLLM's default: 0.9)",
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="vllm backend: context length vLLM reserves its KV cache for (default: the model's); at least "
+        "data.max_length",
+    )
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> ExtractConfig:
+        vllm_only = {
+            "tensor_parallel_size": self.tensor_parallel_size != 1,
+            "gpu_memory_utilization": self.gpu_memory_utilization is not None,
+            "max_model_len": self.max_model_len is not None,
+        }
+        if self.backend != "vllm" and any(vllm_only.values()):
+            given = ", ".join(k for k, v in vllm_only.items() if v)
+            raise ValueError(f"{given} only apply to backend: vllm; set backend: vllm or remove them")
+        if self.backend == "vllm":
+            if self.device_map is not None:
+                raise ValueError(
+                    "device_map applies to backend: transformers; with vllm use tensor_parallel_size"
+                )
+            if self.temperature != 1.0:
+                raise ValueError(
+                    "backend: vllm returns raw log-probs; use temperature 1.0 or backend: transformers"
+                )
+        if self.device_map is not None and self.device.startswith("cuda:"):
+            raise ValueError(
+                "device_map: auto spreads the model over every visible GPU; set device: cuda (and choose GPUs "
+                "with CUDA_VISIBLE_DEVICES), not an indexed device"
+            )
+        return self
 
 
 class AlignConfig(StrictModel):
@@ -174,6 +229,11 @@ class FusionRecipe(StrictModel):
     def _distinct(self) -> FusionRecipe:
         if len(set(self.sources)) != len(self.sources) or self.pivot in self.sources:
             raise ValueError("the pivot and every source must be different models")
+        if self.extract.max_model_len is not None and self.extract.max_model_len < self.data.max_length:
+            raise ValueError(
+                f"extract.max_model_len ({self.extract.max_model_len}) is below data.max_length "
+                f"({self.data.max_length}): vLLM would refuse the longest texts; raise it or lower data.max_length"
+            )
         return self
 
 

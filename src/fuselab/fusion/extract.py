@@ -15,14 +15,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fuselab.data.render import Encoded, RenderedText, encode
-from fuselab.fusion.store import ExampleTopK, StoreError, TopKStore, TopKStoreWriter
+from fuselab.fusion.store import (
+    ExampleTopK,
+    StoreError,
+    TopKStore,
+    TopKStoreWriter,
+    check_meta,
+    read_manifest,
+    remove_leftovers,
+    shard_entry,
+    write_shard_files,
+)
+from fuselab.utils.distributed import current_ranks, rank_device, wait_for
 from fuselab.utils.errors import ConfigError, FuselabError
 from fuselab.utils.progress import progress
 
@@ -39,11 +50,17 @@ class ExtractSettings:
     device: str = "cpu"
     dtype: str = "auto"  # bfloat16 where native (GPU, AVX512-BF16/AMX CPU), else float32
     backend: str = "transformers"  # or "vllm"
+    device_map: str | None = None  # transformers: "auto" spreads the model over the visible GPUs
+    tensor_parallel_size: int = 1  # vllm only, like the two below
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
 
     def store_meta(self) -> dict[str, Any]:
         """The settings that change what is stored (part of the store's key): k, temperature, and what the
         numbers are computed with (the precision that really runs, ``auto`` resolved; the backend; the device
-        type), so that a float32 recipe never reuses a bf16 store (issue 12)."""
+        type), so that a float32 recipe never reuses a bf16 store (issue 12). Where the model is placed
+        (``device_map``, ``tensor_parallel_size``, the number of processes) is not part of it: it changes no
+        number beyond the reduction order of a split matmul, and keeping it out keeps existing stores valid."""
         return {
             "k": self.k,
             "temperature": self.temperature,
@@ -112,6 +129,15 @@ def extract(
 ) -> ExtractSummary:
     """Run (or resume) extraction of ``texts`` under the model in ``model_path`` into ``store_dir``.
 
+    Under ``accelerate launch --num_processes N`` every process calls this with the same arguments: shard
+    ``n`` of the (deterministic, length-sorted) plan is computed by rank ``n mod N``
+    (:meth:`~fuselab.utils.distributed.Ranks.owns`), each rank writes its shards' folders, and rank 0, the
+    manifest's only author, records them and marks the store complete once every shard is there; the others
+    return when it has. A shard's content depends only on its examples and the settings, never on who
+    computed it, and the manifest lists shards in shard order, so the store is byte-identical to the one a
+    single process writes (on the same device type, dtype and library versions). A rerun, with any number
+    of processes, keeps every complete shard folder and computes only the missing ones.
+
     ``encoded``: the texts already tokenised with this model's tokenizer (saves tokenising them again)."""
     from fuselab.modeling.tokenizers import load_tokenizer
 
@@ -124,40 +150,89 @@ def extract(
     if encoded is None:
         tokenizer = load_tokenizer(model_path)
         encoded = [encode(tokenizer, t) for t in texts]
-    writer = TopKStoreWriter(store_dir, {**settings.store_meta(), "examples": len(texts)})
+    ranks = current_ranks()
+    if ranks.distributed and settings.device_map is not None:
+        raise ConfigError(
+            "device_map: auto spreads one model over every visible GPU, which the other processes of "
+            "`accelerate launch` use too; run the extraction in one process, or remove device_map to give "
+            "each process its own GPU (device: cuda)"
+        )
+    if ranks.distributed and settings.backend == "vllm":
+        raise ConfigError(
+            "backend: vllm runs in one process (vLLM places and shards the model itself: use "
+            "extract.tensor_parallel_size for a source larger than one GPU); run `fuselab fusion extract` "
+            "without `accelerate launch`, or use backend: transformers for data-parallel extraction"
+        )
+    meta = {**settings.store_meta(), "examples": len(texts)}
     shards = plan_shards(encoded, settings.shard_tokens)
-    todo = [(n, s) for n, s in enumerate(shards) if not writer.has_shard(f"shard-{n:05d}")]
-    resumed = len(shards) - len(todo)
+    plan = [(f"shard-{n:05d}", s) for n, s in enumerate(shards)]
+    mine = [(name, s) for n, (name, s) in enumerate(plan) if ranks.owns(n)]
+    writer = None
+    if ranks.is_main:
+        # the manifest's only author; with one process it cleans every leftover, as before
+        writer = TopKStoreWriter(
+            store_dir, meta, leftovers=[n for n, _ in mine] if ranks.distributed else None
+        )
+        writer.reconcile(plan)
+        todo = [(name, s) for name, s in mine if not writer.has_shard(name)]
+    else:
+        Path(store_dir).mkdir(parents=True, exist_ok=True)
+        check_meta(store_dir, read_manifest(store_dir), meta)
+        remove_leftovers(store_dir, [n for n, _ in mine])
+        todo = [(name, s) for name, s in mine if shard_entry(store_dir, name, s, settings.k) is None]
+    resumed = len(mine) - len(todo)
     if todo:
-        runner = _make_runner(model_path, settings)
+        runner = _make_runner(model_path, replace(settings, device=rank_device(settings.device, ranks)))
         total = sum(len(encoded[i].predicting_positions()) for _, s in todo for i in s)
-        kw = {} if show_progress else {"disable": True}  # otherwise FUSELAB_PROGRESS decides
+        kw = (
+            {} if show_progress and ranks.is_main else {"disable": True}
+        )  # otherwise FUSELAB_PROGRESS decides
         bar = progress(total=total, desc=f"extract {label or model_path.name}", unit="tok", **kw)
         lengths = [len(e.ids) for e in encoded]
-        for n, shard in todo:
+        for name, shard in todo:
             rows: dict[int, ExampleTopK] = {}
             for batch in token_batches(shard, lengths, settings.batch_tokens):
                 for i, row in zip(batch, runner([encoded[i] for i in batch])):
                     rows[i] = row
                     bar.update(len(row.gold_nll))
-            writer.write_shard(f"shard-{n:05d}", shard, [rows[i] for i in shard], {})
+            if writer is not None:
+                writer.write_shard(name, shard, [rows[i] for i in shard], {})
+            else:
+                write_shard_files(store_dir, name, shard, [rows[i] for i in shard], settings.k)
         bar.close()
-    store_bytes = sum(f.stat().st_size for f in Path(store_dir).rglob("*.npy"))
-    tokens = sum(int(s["tokens"]) for s in writer.manifest["shards"])
+    if writer is not None:
+        if ranks.distributed:
+            missing: list[str] = []
+
+            def all_written() -> bool:
+                missing[:] = writer.adopt(plan)
+                return not missing
+
+            wait_for(all_written, what=lambda: f"{len(missing)} shard(s) of {store_dir}: {missing[:5]}")
+        store_bytes = sum(
+            f.stat().st_size for name, _ in plan for f in (Path(store_dir) / name).glob("*.npy")
+        )
+        tokens = sum(int(s["tokens"]) for s in writer.manifest["shards"])
+        writer.finish(
+            {
+                "examples": len(texts),
+                "tokens": tokens,
+                "bytes": store_bytes,
+                "bytes_per_token": store_bytes / max(1, tokens),
+            }
+        )
+    else:
+        wait_for(
+            lambda: bool((read_manifest(store_dir) or {}).get("complete")),
+            what=lambda: f"the main process to finish the manifest of {store_dir}",
+        )
+    summary_of = read_manifest(store_dir)["summary"]
     summary = ExtractSummary(
         examples=len(texts),
-        tokens=tokens,
-        nbytes=store_bytes,
+        tokens=int(summary_of["tokens"]),
+        nbytes=int(summary_of["bytes"]),
         seconds=time.perf_counter() - start,
         resumed_shards=resumed,
-    )
-    writer.finish(
-        {
-            "examples": summary.examples,
-            "tokens": tokens,
-            "bytes": store_bytes,
-            "bytes_per_token": summary.bytes_per_token,
-        }
     )
     return summary
 
@@ -198,10 +273,18 @@ class TransformersTopK:
         from transformers import AutoModelForCausalLM
 
         self.settings = settings
-        self.device = torch.device(settings.device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=resolve_dtype(settings.dtype, settings.device), local_files_only=True
-        ).to(self.device)
+        dtype = resolve_dtype(settings.dtype, settings.device)
+        if settings.device_map is not None:
+            # accelerate places the layers (GPUs first, then CPU) and moves activations between them
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, local_files_only=True, device_map=settings.device_map
+            )
+            self.device = self.model.get_input_embeddings().weight.device
+        else:
+            self.device = torch.device(settings.device)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, local_files_only=True
+            ).to(self.device)
         self.model.eval()
         self.model.config.use_cache = False
         self.decoder = self.model.get_decoder()
@@ -233,9 +316,10 @@ class TransformersTopK:
         rows_pos = [torch.from_numpy(e.predicting_positions()) for e in batch]
         row_index = torch.cat([torch.full((len(p),), r, dtype=torch.long) for r, p in enumerate(rows_pos)])
         pos_index = torch.cat(rows_pos).long()
-        row_index, pos_index = row_index.to(self.device), pos_index.to(self.device)
+        # under a device map the last layer may sit on another GPU than the embeddings
+        row_index, pos_index = row_index.to(hidden.device), pos_index.to(hidden.device)
         states = hidden[row_index, pos_index]
-        gold = ids[row_index, pos_index + 1]
+        gold = ids.to(hidden.device)[row_index, pos_index + 1]
         if not self._checked:
             self._check_head(ids[:1], mask[:1], pos_index[row_index == 0], states[row_index == 0])
         return states, gold, [len(p) for p in rows_pos]
@@ -251,7 +335,7 @@ class TransformersTopK:
                 logits = self.head_logits(states[a : a + self.settings.chunk_positions])
                 g = gold[a : a + self.settings.chunk_positions]
                 lse = logits.logsumexp(-1)
-                out_nll.append(lse - logits.gather(1, g[:, None])[:, 0])
+                out_nll.append(lse - logits.gather(1, g[:, None].to(logits.device))[:, 0])
                 if temp != 1.0:
                     logits = logits / temp
                     lse = logits.logsumexp(-1)
@@ -287,8 +371,9 @@ class TransformersTopK:
             self._checked = False
             return
         positions, states = positions[:8], states[:8]
-        full = self.model(input_ids=ids, attention_mask=mask).logits[0, positions].float()
-        mine = self.head_logits(states)
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        full = logits[0, positions.to(logits.device)].float()
+        mine = self.head_logits(states).to(full.device)
         tol = 1e-3 if full.dtype == torch.float32 and states.dtype == torch.float32 else 5e-2
         if not torch.allclose(full, mine, atol=tol * max(1.0, float(full.abs().max())), rtol=0):
             raise FuselabError(
@@ -311,7 +396,8 @@ class VllmTopK:
     """vLLM prompt log-probs: top-k normalised over the full vocabulary, for sources too large for transformers.
 
     vLLM returns, for every prompt position, the top ``prompt_logprobs`` entries plus the actual token; raw
-    log-probs (before sampling processors), so the temperature must be 1.
+    log-probs (before sampling processors), so the temperature must be 1. vLLM is imported only here, so
+    that fuselab works (and its recipes validate) where vLLM is not installed.
     """
 
     def __init__(self, model_path: Path, settings: ExtractSettings) -> None:
@@ -325,8 +411,7 @@ class VllmTopK:
             raise ConfigError(
                 "backend: vllm returns raw log-probs; use temperature 1.0 or backend: transformers"
             )
-        dtype = "auto" if settings.dtype == "auto" else settings.dtype
-        self.llm = LLM(model=str(model_path), dtype=dtype, enable_prefix_caching=False)
+        self.llm = LLM(**vllm_engine_args(model_path, settings))
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=settings.k, temperature=1.0)
         self.k = settings.k
 
@@ -336,6 +421,23 @@ class VllmTopK:
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in e.ids]) for e in batch]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         return [topk_from_prompt_logprobs(o.prompt_logprobs, e, self.k) for o, e in zip(outputs, batch)]
+
+
+def vllm_engine_args(model_path: Path, settings: ExtractSettings) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for these settings: only what the recipe set, so that vLLM's own
+    defaults hold otherwise. ``max_logprobs`` is raised to k (vLLM refuses more than 20 by default)."""
+    args: dict[str, Any] = {
+        "model": str(model_path),
+        "dtype": settings.dtype,  # "auto" is vLLM's own auto (the checkpoint's dtype)
+        "enable_prefix_caching": False,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "max_logprobs": max(20, settings.k),
+    }
+    if settings.gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    if settings.max_model_len is not None:
+        args["max_model_len"] = settings.max_model_len
+    return args
 
 
 def topk_from_prompt_logprobs(prompt_logprobs: Sequence[Any], encoded: Encoded, k: int) -> ExampleTopK:
@@ -354,8 +456,13 @@ def topk_from_prompt_logprobs(prompt_logprobs: Sequence[Any], encoded: Encoded, 
             ((int(tok), float(lp.logprob)) for tok, lp in entries.items() if lp.rank is None or lp.rank <= k),
             key=lambda t: (-t[1], t[0]),
         )[:k]
+        if len(ranked) < k or not all(np.isfinite(lp) for _, lp in ranked):
+            # Never padded: a short row would silently give the missing candidates' mass to the tail.
+            raise FuselabError(
+                f"vLLM returned {sum(np.isfinite(lp) for _, lp in ranked)} finite top log-probs at prompt "
+                f"position {p + 1}, fewer than k = {k} (a vocabulary smaller than k, or a vLLM that caps "
+                "prompt_logprobs below k); lower extract.k, or use backend: transformers"
+            )
         for c, (tok, lp) in enumerate(ranked):
             ids[row, c], logp[row, c] = tok, lp
-    if len(positions) and not np.isfinite(logp).all():
-        raise FuselabError("vLLM returned fewer than k prompt log-probs; is prompt_logprobs >= k?")
     return ExampleTopK(ids=ids, logp=logp.astype(np.float16), gold_nll=nll.astype(np.float16))

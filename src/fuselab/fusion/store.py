@@ -6,8 +6,10 @@ renormalises over the k kept entries, which makes the target over-confident), an
 what MinCE scores sequences with). At k = 10 that is 4·10 + 2·10 + 2 = 62 bytes per supervised token.
 
 A shard is a folder of ``.npy`` files written under a temporary name and renamed when complete, then
-recorded in ``manifest.json``; an interrupted extraction resumes at the first shard the manifest lacks, and a
-half-written shard never looks complete.
+recorded in ``manifest.json``; an interrupted extraction resumes at the shards it lacks, and a half-written
+shard never looks complete. Under ``accelerate launch`` every process writes its own shards and only the main
+process writes the manifest; it lists the shards in shard order, so the finished store is the same, byte for
+byte, whichever number of processes wrote it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,27 +45,107 @@ class ExampleTopK:
     gold_nll: np.ndarray  # float16 [n]
 
 
-class TopKStoreWriter:
-    """Writes shards into ``root`` and keeps ``manifest.json`` current (resumable)."""
+def shard_entry(root: str | Path, name: str, example_indices: list[int], k: int) -> dict[str, Any] | None:
+    """The manifest entry of shard ``name`` if its folder in ``root`` is complete and holds exactly
+    ``example_indices`` (in that order) at ``k`` candidates, else None.
 
-    def __init__(self, root: str | Path, meta: dict[str, Any]) -> None:
+    Why the folder is enough: a shard folder appears only by renaming a temporary folder whose files were all
+    written, so its presence means it is whole. That lets several processes write shards without sharing the
+    manifest, and lets any later run (with one process or many) take over the shards a crashed run finished.
+    Checking the example indices against the plan keeps a shard planned differently (another
+    ``shard_tokens``) from being mistaken for this one; only headers are read, so it costs little."""
+    folder = Path(root) / name
+    try:
+        examples = np.load(folder / "examples.npy")
+        offsets = np.load(folder / "offsets.npy")
+        shapes = {n: np.load(folder / f"{n}.npy", mmap_mode="r").shape for n in ("ids", "logp", "gold_nll")}
+    except (OSError, ValueError):
+        return None
+    if examples.tolist() != list(example_indices) or len(offsets) != len(examples) + 1:
+        return None
+    total = int(offsets[-1]) if len(offsets) else -1
+    if shapes["ids"] != (total, k) or shapes["logp"] != (total, k) or shapes["gold_nll"] != (total,):
+        return None
+    return {"name": name, "examples": len(examples), "tokens": total}
+
+
+def remove_leftovers(root: str | Path, names: Iterable[str] | None = None) -> None:
+    """Delete the temporary folders a crash left behind: those of the shards in ``names`` (all when None).
+    With several processes each removes only its own shards' leftovers, never a folder another is writing."""
+    root = Path(root)
+    patterns = [".shard-*.tmp-*"] if names is None else [f".{n}.tmp-*" for n in names]
+    for pattern in patterns:
+        for leftover in root.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_shard_files(
+    root: str | Path, name: str, example_indices: list[int], rows: list[ExampleTopK], k: int
+) -> dict[str, Any]:
+    """Write shard ``name`` into ``root`` (complete or not at all) and return its manifest entry; the
+    manifest itself is left to the one process that keeps it (:class:`TopKStoreWriter`)."""
+    if len(example_indices) != len(rows):
+        raise ValueError("one row per example index")
+    root = Path(root)
+    lengths = np.array([len(r.gold_nll) for r in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    total = int(offsets[-1])
+    ids = np.concatenate([r.ids for r in rows]) if total else np.zeros((0, k), np.int32)
+    logp = np.concatenate([r.logp for r in rows]) if total else np.zeros((0, k), np.float16)
+    gold = np.concatenate([r.gold_nll for r in rows]) if total else np.zeros(0, np.float16)
+    tmp = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        np.save(tmp / "examples.npy", np.asarray(example_indices, dtype=np.int64))
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "ids.npy", ids.astype(np.int32, copy=False))
+        np.save(tmp / "logp.npy", logp.astype(np.float16, copy=False))
+        np.save(tmp / "gold_nll.npy", gold.astype(np.float16, copy=False))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"name": name, "examples": len(rows), "tokens": total}
+
+
+def read_manifest(root: str | Path) -> dict[str, Any] | None:
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_meta(root: str | Path, manifest: dict[str, Any] | None, meta: dict[str, Any]) -> None:
+    if manifest is not None and manifest.get("meta") != meta:
+        raise StoreError(
+            f"{root} holds a store made with other settings; delete it or use another folder "
+            f"(stored: {manifest.get('meta')}, asked: {meta})"
+        )
+
+
+class TopKStoreWriter:
+    """Writes shards into ``root`` and keeps ``manifest.json`` current (resumable).
+
+    With several processes only the main one holds a writer (the manifest has one author); the others write
+    their shards with :func:`write_shard_files` and the main one records them (:meth:`adopt`)."""
+
+    def __init__(
+        self, root: str | Path, meta: dict[str, Any], *, leftovers: Iterable[str] | None = None
+    ) -> None:
+        """``leftovers``: the shards whose crash leftovers to delete (None: every shard's)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / MANIFEST
-        if path.exists():
-            manifest = json.loads(path.read_text())
-            if manifest.get("meta") != meta:
-                raise StoreError(
-                    f"{self.root} holds a store made with other settings; delete it or use another folder "
-                    f"(stored: {manifest.get('meta')}, asked: {meta})"
-                )
+        manifest = read_manifest(self.root)
+        check_meta(self.root, manifest, meta)
+        if manifest is not None:
             self.manifest = manifest
         else:
             self.manifest = {"format": FORMAT_VERSION, "meta": meta, "shards": [], "complete": False}
             atomic_write_json(path, self.manifest)
         # Leftovers of a crash: temporary shard folders are never part of the store.
-        for leftover in self.root.glob(".shard-*.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        remove_leftovers(self.root, leftovers)
 
     def has_shard(self, name: str) -> bool:
         return any(s["name"] == name for s in self.manifest["shards"])
@@ -70,34 +153,50 @@ class TopKStoreWriter:
     def write_shard(
         self, name: str, example_indices: list[int], rows: list[ExampleTopK], stats: dict[str, Any]
     ) -> None:
-        if len(example_indices) != len(rows):
-            raise ValueError("one row per example index")
+        entry = write_shard_files(self.root, name, example_indices, rows, int(self.manifest["meta"]["k"]))
+        self._record([{**entry, **stats}])
+
+    def reconcile(self, plan: list[tuple[str, list[int]]]) -> None:
+        """Make the manifest agree with the folders for this shard plan: forget recorded shards whose folder
+        is missing or was planned differently, record complete shard folders the manifest lacks (written by
+        another process, or by a run that crashed between the rename and the manifest), and delete shard
+        folders the plan does not have (left by a plan with other ``shard_tokens``)."""
         k = int(self.manifest["meta"]["k"])
-        lengths = np.array([len(r.gold_nll) for r in rows], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        total = int(offsets[-1])
-        ids = np.concatenate([r.ids for r in rows]) if total else np.zeros((0, k), np.int32)
-        logp = np.concatenate([r.logp for r in rows]) if total else np.zeros((0, k), np.float16)
-        gold = np.concatenate([r.gold_nll for r in rows]) if total else np.zeros(0, np.float16)
-        tmp = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            np.save(tmp / "examples.npy", np.asarray(example_indices, dtype=np.int64))
-            np.save(tmp / "offsets.npy", offsets)
-            np.save(tmp / "ids.npy", ids.astype(np.int32, copy=False))
-            np.save(tmp / "logp.npy", logp.astype(np.float16, copy=False))
-            np.save(tmp / "gold_nll.npy", gold.astype(np.float16, copy=False))
-            final = self.root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.manifest["shards"].append({"name": name, "examples": len(rows), "tokens": total, **stats})
+        planned = dict(plan)
+        kept, changed = [], False
+        for entry in self.manifest["shards"]:
+            if entry["name"] in planned and shard_entry(self.root, entry["name"], planned[entry["name"]], k):
+                kept.append(entry)
+            else:
+                changed = True
+        self.manifest["shards"] = kept
+        for folder in self.root.glob("shard-*"):
+            if folder.name not in planned and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+        if changed:
+            atomic_write_json(self.root / MANIFEST, self.manifest)
+        self.adopt(plan)
+
+    def adopt(self, plan: list[tuple[str, list[int]]]) -> list[str]:
+        """Record the complete shard folders of ``plan`` that the manifest lacks; return those still missing."""
+        k = int(self.manifest["meta"]["k"])
+        found, missing = [], []
+        for name, indices in plan:
+            if self.has_shard(name):
+                continue
+            entry = shard_entry(self.root, name, indices, k)
+            (found if entry else missing).append(entry or name)
+        if found:
+            self._record(found)
+        return missing
+
+    def _record(self, entries: list[dict[str, Any]]) -> None:
+        self.manifest["shards"].extend(entries)
         atomic_write_json(self.root / MANIFEST, self.manifest)
 
     def finish(self, summary: dict[str, Any]) -> None:
+        # In shard order, whichever process finished which shard first.
+        self.manifest["shards"].sort(key=lambda s: s["name"])
         self.manifest["complete"] = True
         self.manifest["summary"] = summary
         atomic_write_json(self.root / MANIFEST, self.manifest)

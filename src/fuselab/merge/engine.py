@@ -44,9 +44,9 @@ from fuselab.merge.registry import REQUIRED, MergeMethod, all_param_names, get_m
 from fuselab.merge.tokenizer import VocabularyPlan, plan_vocabulary, resolve_chat_template
 from fuselab.modeling.checkpoint import Checkpoint, TensorInfo
 from fuselab.modeling.writer import BackgroundWriter, ShardedSafetensorsWriter, TensorSpec, parse_size
-from fuselab.utils.atomic import atomic_output_dir, check_output_dir
+from fuselab.utils.atomic import atomic_output_dir, check_output_dir, output_lock
 from fuselab.utils.config import dump_yaml, load_config, validate_config
-from fuselab.utils.errors import ConfigError, FuselabError, NonFiniteError
+from fuselab.utils.errors import ConfigError, FuselabError, IncompatibleModelsError, NonFiniteError
 from fuselab.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,10 @@ class _Merger:
         self.reference = self.base or self.slices[0].inputs[0].ckpt
         self.tokenizer_input = self._open(recipe.tokenizer_ref)
         self.outputs = plan_tensors(self.reference, self.slices, self.whole_models)
+        self._check_vocabulary_sizes()
         self.vocab = self._plan_vocabulary()
         self.vocab_names = self._vocabulary_names()
+        self._check_tokenizer_fits()
         self.sources = check_mergeable(
             self.reference,
             [self._planned_read(out) for out in self.outputs],
@@ -317,6 +319,46 @@ class _Merger:
         inputs = [(inp.ckpt, self.labels[id(inp.ckpt)]) for sl in self.slices for inp in sl.inputs]
         pad = self.recipe.tokenizer.pad_to_multiple_of if self.recipe.tokenizer else None
         return plan_vocabulary(source, inputs, self.reference, self.tokenizer_input, pad)
+
+    def _check_vocabulary_sizes(self) -> None:
+        """Every input's ``config.vocab_size`` must match its embedding: the plan finds vocabulary tensors by
+        that size, and transformers builds the model from it, so a mismatch fails late and obscurely."""
+        from fuselab.modeling.inspect import embedding_rows
+
+        for ckpt in self.opened.values():
+            found = embedding_rows(ckpt)
+            size = ckpt.text_config().get("vocab_size")
+            if found is None or not isinstance(size, int) or found[1] == size:
+                continue
+            raise IncompatibleModelsError(
+                f"{self.labels[id(ckpt)]}: config.json says vocab_size {size}, but its embedding `{found[0]}` has "
+                f"{found[1]} rows; set `vocab_size` to {found[1]} in {ckpt.path / 'config.json'} (or re-export "
+                "the model)"
+            )
+
+    def _check_tokenizer_fits(self) -> None:
+        """The tokenizer written with the output must not emit ids beyond the merged embedding: the model
+        would crash on the first forward that meets such a token (``fuselab info`` flags the same)."""
+        from fuselab.modeling.inspect import embedding_rows, tokenizer_id_bound
+
+        if self.vocab is not None and self.vocab.tokenizer is not None:
+            return  # the union tokenizer is built with the embedding
+        if self.vocab is not None:
+            rows = self.vocab.size
+        else:
+            found = embedding_rows(self.reference)
+            if found is None:
+                return
+            rows = found[1]
+        bound = tokenizer_id_bound(self.tokenizer_input.path)
+        if bound is None or bound <= rows:
+            return
+        raise IncompatibleModelsError(
+            f"the tokenizer of {self.labels[id(self.tokenizer_input)]} has token ids up to {bound - 1}, but the "
+            f"merged embedding has {rows} rows: the model would crash on the first of those {bound - rows} "
+            "tokens. Name a `tokenizer_source` whose tokenizer fits its embedding, or resize the inputs' "
+            "embeddings to the tokenizer (`fuselab info MODEL` shows both sizes)"
+        )
 
     def _vocabulary_names(self) -> set[str]:
         """Output tensors whose rows follow the vocabulary (outside the layers, so named as in the reference)."""
@@ -449,7 +491,7 @@ class _Merger:
         start = time.perf_counter()
         specs = [self.out_spec(o) for o in self.outputs]
         try:
-            with atomic_output_dir(out_dir, force=self.options.force) as tmp:
+            with atomic_output_dir(out_dir, force=self.options.force, inputs=self.opened) as tmp:
                 files = self.stream(tmp, specs)
                 self.write_metadata(tmp)
                 total = sum(s.nbytes for s in specs)
@@ -625,9 +667,13 @@ def run_merge(
         options = MergeOptions(**{**options.__dict__, **option_overrides})
     recipe_obj, source = _load_recipe(recipe)
     out_dir = Path(out_dir)
-    check_output_dir(out_dir.absolute(), options.force)
-    try:
-        parse_size(options.out_shard_size)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return _Merger(recipe_obj, source, options).run(out_dir)
+    with output_lock(out_dir.absolute()):  # a second merge to the same folder fails at once
+        check_output_dir(out_dir.absolute(), options.force)
+        try:
+            parse_size(options.out_shard_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        merger = _Merger(recipe_obj, source, options)
+        # now that the inputs are resolved: never an input (or a folder holding one), whatever --force says
+        check_output_dir(out_dir.absolute(), options.force, inputs=merger.opened)
+        return merger.run(out_dir)

@@ -58,6 +58,32 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+def read_config(config_file: Path) -> dict[str, Any]:
+    """A model's ``config.json``, or an error naming the file, the place and the fix when it is malformed."""
+    from fuselab.utils.boundary import read_text
+
+    try:
+        data = json.loads(read_text(config_file))
+    except json.JSONDecodeError as err:
+        raise FuselabError(
+            f"{config_file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix it, or "
+            "re-download / re-export the model"
+        ) from None
+    if not isinstance(data, dict):
+        raise FuselabError(
+            f"{config_file} must hold a JSON object, not {type(data).__name__}; fix or replace it"
+        )
+    return data
+
+
+def check_model_files(folder: Path) -> None:
+    """Fail at load, naming the file, when ``config.json`` is malformed or a safetensors file is truncated:
+    only headers are read (kilobytes), where a full load would fail minutes later with a library traceback."""
+    read_config(folder / "config.json")
+    for f in sorted(folder.glob("*.safetensors")):
+        read_safetensors_header(f)
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """Return (header dict, byte offset of the data section) of a safetensors file."""
     size = path.stat().st_size
@@ -122,7 +148,7 @@ class Checkpoint:
             raise ModelNotFoundError(
                 f"{self.path} has no config.json; it is not a Hugging Face checkpoint folder"
             )
-        self.config: dict[str, Any] = json.loads(config_file.read_text())
+        self.config: dict[str, Any] = read_config(config_file)
         self.format, self.files, _ = _find_weight_files(self.path)
         self.tensors: dict[str, TensorInfo] = {}
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}

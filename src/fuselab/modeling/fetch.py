@@ -304,7 +304,7 @@ def _convert_into_cache(entry: CatalogEntry, gguf: Path, dest: Path) -> None:
     from fuselab.modeling.convert import convert_gguf
 
     # force=True: a folder without a valid marker is an incomplete or outdated conversion; replace it
-    with atomic_output_dir(dest, force=True) as tmp:
+    with atomic_output_dir(dest, force=True, owned=True) as tmp:  # the cache's own folder
         result = convert_gguf(gguf, tmp, fixups=entry.fixups, chat_sample=entry.instruct)
         atomic_write_json(tmp / MARKER_FILE, provenance(entry, result.to_dict()))
 

@@ -161,6 +161,19 @@ def _embedding_rows(ckpt: Checkpoint) -> int | None:
     return ckpt.tensors[name].shape[0] if name else None
 
 
+def embedding_rows(ckpt: Checkpoint) -> tuple[str, int] | None:
+    """(name, rows) of the input embedding, or None where none is recognised."""
+    name = _embedding_tensor(ckpt)
+    return (name, ckpt.tensors[name].shape[0]) if name else None
+
+
+def tokenizer_id_bound(path: Path) -> int | None:
+    """One more than the largest token id of the tokenizer in ``path`` (None without a ``tokenizer.json``):
+    the embedding rows a model needs so that every id the tokenizer can emit has a row."""
+    ids = _read_tokenizer(Path(path)).ids
+    return max(ids.values()) + 1 if ids else None
+
+
 def _num_parameters(ckpt: Checkpoint, tied: bool) -> int:
     """Stored parameters; a tied output projection saved alongside its embedding (pickled checkpoints keep
     both names) is counted once, as it is one matrix."""

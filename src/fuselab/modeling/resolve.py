@@ -59,6 +59,9 @@ def _local_folder(path: Path) -> Path:
         raise ModelNotFoundError(f"{path} is a file; point to a checkpoint folder instead{hint}")
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is not a Hugging Face checkpoint folder: config.json is missing")
+    from fuselab.modeling.checkpoint import check_model_files
+
+    check_model_files(path)
     return path
 
 

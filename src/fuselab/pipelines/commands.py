@@ -26,6 +26,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", help="stage cache (default: the recipe's workdir, or OUT_DIR.work)")
     p.add_argument("--from", dest="from_stage", choices=STAGES, help="rerun this stage and every later one")
     p.add_argument(
+        "--until",
+        choices=STAGES,
+        help="stop after this stage (under `accelerate launch` with several processes: --until extract)",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the plan with estimated disk and time; write nothing"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -52,7 +57,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(format_plan(pipe, args.from_stage))
         return 0
-    result = pipe.run(args.from_stage)
+    result = pipe.run(args.from_stage, args.until)
+    from fuselab.utils.distributed import current_ranks
+
+    if not current_ranks().is_main:  # one report, from the main process
+        return 0
     for stage in STAGES:
         ran, skipped = result.ran.get(stage, []), result.skipped.get(stage, [])
         parts = ([f"ran {', '.join(ran)}"] if ran else []) + (
@@ -60,6 +69,9 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"{stage:9s} {result.stage_seconds.get(stage, 0.0):7.1f} s  {'; '.join(parts) or '-'}")
     print(f"done in {result.seconds:.0f} s")
+    if args.until and args.until != STAGES[-1]:
+        print(f"stopped after {args.until}; run the same `fuselab fuse` without --until for the later stages")
+        return 0
     print(f"fused model: {result.model}")
     print(f"report:      {result.report}")
     return 0

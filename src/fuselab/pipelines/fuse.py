@@ -31,7 +31,7 @@ from typing import Any
 
 from fuselab.fusion.workspace import Workspace, load_data_items
 from fuselab.pipelines.config import STAGES, FuseRecipe
-from fuselab.utils.atomic import atomic_output_dir, atomic_write_json
+from fuselab.utils.atomic import atomic_output_dir, atomic_write_json, output_lock
 from fuselab.utils.errors import ConfigError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -295,14 +295,43 @@ class FusePipeline:
         return items
 
     # -- run ---------------------------------------------------------------------------------------------
-    def run(self, from_stage: str | None = None) -> FuseResult:
-        if from_stage is not None and from_stage not in STAGES:
-            raise ConfigError(f"unknown stage {from_stage!r}; valid: {', '.join(STAGES)}")
+    def run(self, from_stage: str | None = None, until: str | None = None) -> FuseResult:
+        """Run the stages from the first unfinished one (``from_stage``: rerun it and the later ones) up to
+        and including ``until`` (default: all).
+
+        Under ``accelerate launch`` with several processes only the extract stage runs (``until`` must be
+        ``extract``): every process extracts its share of the shards (:func:`fuselab.fusion.extract.extract`)
+        and the main one holds the locks. The later stages are not split over processes by this command;
+        a second, single-process ``fuselab fuse`` finds the extraction cached and runs them."""
+        from fuselab.utils.distributed import current_ranks
+
+        for name, value in (("--from", from_stage), ("--until", until)):
+            if value is not None and value not in STAGES:
+                raise ConfigError(f"unknown stage {value!r} for {name}; valid: {', '.join(STAGES)}")
+        ranks = current_ranks()
+        if ranks.distributed and (until != "extract" or from_stage is not None):
+            raise ConfigError(
+                f"`fuselab fuse` under {ranks.count} processes runs only the extract stage: pass `--until "
+                "extract` (and no --from; clear a stage in one process first), then run `fuselab fuse` again "
+                "in one process for the later stages, which finds the extraction cached"
+            )
         self._check_output()
+        from fuselab.utils.hardware import check_device
+
+        check_device(self.recipe.extract.device, "extract.device")  # at load, not after the extraction
+        check_device(self.recipe.evaluate.device, "evaluate.device")  # nor after training
+        if not ranks.is_main:  # a helper of the main process, which holds the locks
+            return self._run(from_stage, until, record=False)
+        # one run per work folder and output: a second `fuselab fuse` to either fails at once
+        with output_lock(self.workdir), output_lock(self.output):
+            return self._run(from_stage, until)
+
+    def _run(self, from_stage: str | None, until: str | None = None, *, record: bool = True) -> FuseResult:
         start = time.perf_counter()
         forced = set(STAGES[STAGES.index(from_stage) :]) if from_stage else set()
         result = FuseResult(self.output, self.output / "model", self.output / "report.md")
-        for stage in STAGES:
+        last = STAGES.index(until) if until else len(STAGES) - 1
+        for stage in STAGES[: last + 1]:
             t0 = time.perf_counter()
             log.info("stage %s%s", stage, " (forced by --from)" if stage in forced else "")
             if stage in forced:
@@ -312,6 +341,8 @@ class FusePipeline:
             result.stage_seconds[stage] = time.perf_counter() - t0
             log.info("%s: ran %s, cached %s (%.1f s)", stage, ran, skipped, result.stage_seconds[stage])
         result.seconds = time.perf_counter() - start
+        if not record:
+            return result
         with open(
             self.workdir / "runs.jsonl", "a"
         ) as f:  # provenance: what each run did, and how long it took

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from fuselab.utils.boundary import read_text
 from fuselab.utils.errors import ConfigError
 
 BUNDLED_PREFIX = "bundled:"
@@ -62,7 +63,7 @@ def _row_text(row: Any, tokenizer: Any, where: str) -> str:
 def read_rows(ref: str, tokenizer: Any) -> list[str]:
     """The text rows of one file (see the module docstring for the formats)."""
     path = resolve_data_file(ref)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         try:

@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (``--seqlen 0`` would divide by zero deep in the evaluation)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prune",
@@ -38,8 +49,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--data", nargs="+", default=None, help=".txt/.json/.jsonl files or bundled:NAME (perplexity)"
     )
-    e.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity chunk (default 2048)")
-    e.add_argument("--max-chunks", type=int, default=None, help="use at most this many chunks")
+    e.add_argument(
+        "--seqlen", type=positive_int, default=2048, help="tokens per perplexity chunk (default 2048)"
+    )
+    e.add_argument("--max-chunks", type=positive_int, default=None, help="use at most this many chunks")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     e.add_argument(
@@ -60,7 +73,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also offer lm-eval's own tasks (piqa, arc_easy, ...; their data come from the hub or its cache)",
     )
-    e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1, as the paper)")
+    e.add_argument(
+        "--batch-size", type=positive_int, default=1, help="lm-eval batch size (default 1, as the paper)"
+    )
     e.add_argument("--limit", type=float, default=None, help="lm-eval: at most this many items per task")
     e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot examples (default 0)")
     e.add_argument("--json", default=None, metavar="FILE", help="also write all figures to this JSON file")

@@ -204,6 +204,7 @@ def run_prune(
         shutil.rmtree(state_dir)
 
     model_dir, tokenizer, model = _model_and_tokenizer(recipe)
+    check_output_dir(out, force, inputs=[model_dir])  # never the model it reads
     layout = inspect_blocks(model)
     check_stop_reachable(recipe, layout)  # before calibration and search, which are the expensive part
     cal = recipe.calibration
@@ -260,7 +261,7 @@ def run_prune(
     removed = {Block.parse(b) for r in rounds for b in r.blocks}
     masker.set_removed(removed)
     export_format = None
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[model_dir]) as tmp:
         if recipe.export.enabled:
             from transformers import AutoConfig
 

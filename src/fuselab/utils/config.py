@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from fuselab.utils.boundary import read_text
 from fuselab.utils.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -85,7 +86,7 @@ def load_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
 

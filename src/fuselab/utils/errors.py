@@ -27,3 +27,11 @@ class NonFiniteError(FuselabError):
 
 class OutputExistsError(FuselabError):
     """The output folder exists and ``--force`` was not given."""
+
+
+class OutputLockedError(FuselabError):
+    """Another live fuselab process is writing the same output."""
+
+
+class OutputNotWritableError(FuselabError):
+    """The output cannot be written: a read-only or full file system, or missing permissions."""

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fuselab.utils.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -110,6 +112,28 @@ def cuda_bf16() -> bool:
 
 def device_type(device: Any) -> str:
     return str(getattr(device, "type", device) or "cpu").split(":", 1)[0]
+
+
+def check_device(device: str, what: str) -> None:
+    """Refuse, before any work, a device this machine does not have (``extract.device: cuda`` without CUDA
+    would otherwise fail inside the first forward pass, after the models were loaded)."""
+    import torch
+
+    kind = device_type(device)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{what}: {device} was asked for, but no CUDA GPU is visible to torch on this machine; set "
+                f"{what}: cpu (or run where a GPU is)"
+            )
+        index = str(device).partition(":")[2]
+        if index.isdigit() and int(index) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{what}: {device} was asked for, but only {torch.cuda.device_count()} GPU(s) are visible; "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif kind not in ("cpu", "auto", "mps"):
+        raise ConfigError(f"{what}: unknown device {device!r}; use cpu, cuda or cuda:N")
 
 
 def native_bf16(device: Any = "cpu") -> bool:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from fuselab.utils.boundary import read_text
 from fuselab.utils.errors import ConfigError
 
 RESPONSE_KEYS = {"ws": "source_chosen", "wt": "chosen", "l": "rejected"}
@@ -47,7 +48,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".json":
         try:
             data = json.loads(text)

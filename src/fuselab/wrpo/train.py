@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fuselab.utils.atomic import atomic_write_json, atomic_write_text, check_output_dir
+from fuselab.utils.atomic import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    lock_output,
+    release_output,
+)
 from fuselab.utils.config import dump_yaml
 from fuselab.utils.errors import ConfigError
 from fuselab.wrpo.config import TrainConfig, load_train_config
@@ -131,6 +137,8 @@ def run_train(
     out = Path(out_dir).absolute()
     if not resume:
         check_output_dir(out, force)
+    else:
+        lock_output(out)  # a resumed run still writes OUT_DIR: one run at a time
     work = out.parent / f".{out.name}.work"
     model_path = resolve_model(cfg.model)
     ref_path = resolve_model(cfg.reference.model) if cfg.reference.model else model_path
@@ -242,6 +250,7 @@ def run_train(
             shutil.rmtree(old, ignore_errors=True)
         os.replace(final, out)
         shutil.rmtree(work, ignore_errors=True)
+        release_output(out)
     trainer.accelerator.wait_for_everyone()
     log.info("WRPO: %s", json.dumps(summary))
     return TrainResult(out, trainer.state.global_step, seconds, summary)
