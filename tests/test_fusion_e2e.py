@@ -202,3 +202,35 @@ def test_two_process_training_with_accelerate(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_group_by_length_trains_on_length_buckets(setup, tmp_path):
+    """Every batch the Trainer builds is a bucket of the length-sorted set: padding only where neighbouring
+    lengths differ (fuselab.fusion.batching), and every example once per epoch."""
+    import numpy as np
+
+    from fuselab.fusion.batching import padded_tokens
+    from fuselab.fusion.config import TrainConfig
+    from fuselab.fusion.train import train
+
+    root, paths, data = setup
+    ws = workspace(root, paths, data, "w-buckets")
+    ws.extract()
+    ws.build_targets()
+    target = next(iter(ws.target_groups()))
+    lengths = np.diff(FusedTargets.open(ws.targets_dir(target)).tok_offsets).tolist()
+    n, bs = len(lengths), 2
+    cfg = TrainConfig(
+        lam=0.5, learning_rate=1e-3, epochs=1, batch_size=bs, logging_steps=1, save_steps=100,
+        log_example_ids=True, warmup_ratio=0.0, group_by_length=True,
+    )  # fmt: skip
+    out = tmp_path / "bucketed"
+    train(ws.targets_dir(target), out, cfg, show_progress=False)
+    batches = [
+        [int(x) for x in line.split()] for line in (out / "examples_seen.rank0.txt").read_text().splitlines()
+    ]
+    order = [i for b in batches for i in b]
+    assert sorted(order) == list(range(n))
+    best = padded_tokens(lengths, sorted(range(n), key=lambda i: -lengths[i]), bs)
+    assert padded_tokens(lengths, order, bs) == best
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch first

@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from fuselab.fusion.batching import LengthBucketSampler
 from fuselab.fusion.config import TrainConfig
 from fuselab.fusion.loss import IGNORE, fusion_loss
 from fuselab.fusion.workspace import FusedTargets
@@ -38,6 +40,10 @@ class FusedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"example_index": i, **self.targets.example(i)}
+
+    def lengths(self) -> list[int]:
+        """Tokens per example, from the offsets alone (no example is read)."""
+        return np.diff(self.targets.tok_offsets).tolist()
 
 
 class FusionCollator:
@@ -103,6 +109,12 @@ def _trainer_class():
             self._sums = {"clm_loss": 0.0, "fusion_loss": 0.0}
             self._count = 0
             self._seen_path = seen_path
+
+        def _get_train_sampler(self, train_dataset=None):
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if self.fusion.group_by_length and isinstance(ds, FusedDataset):
+                return LengthBucketSampler(ds.lengths(), self.args.per_device_train_batch_size, self.args.seed)
+            return super()._get_train_sampler(train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
@@ -171,7 +183,7 @@ def training_arguments(cfg: TrainConfig, work: Path, *, show_progress: bool, dev
         save_total_limit=cfg.save_total_limit,
         bf16=bool(bf16),
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy="random",  # group_by_length: FusionTrainer's LengthBucketSampler
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=not show_progress,
