@@ -113,7 +113,9 @@ def _trainer_class():
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
             if self.fusion.group_by_length and isinstance(ds, FusedDataset):
-                return LengthBucketSampler(ds.lengths(), self.args.per_device_train_batch_size, self.args.seed)
+                return LengthBucketSampler(
+                    ds.lengths(), self.args.per_device_train_batch_size, self.args.seed
+                )
             return super()._get_train_sampler(train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
