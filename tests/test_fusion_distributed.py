@@ -18,7 +18,7 @@ from fuselab.fusion.config import FusionRecipe
 from fuselab.fusion.store import TopKStoreWriter, shard_entry
 from fuselab.fusion.workspace import Workspace
 from fuselab.utils.distributed import Ranks
-from helpers.distributed import accelerate_launch
+from helpers.distributed import accelerate_launch, recorded
 from helpers.fusion import fusion_models, fusion_recipe, write_conversations
 
 HELPER = Path(__file__).parent / "helpers" / "extract_ranks.py"
@@ -75,14 +75,6 @@ def launch(setup, workdir: Path, record: Path | None, port: int, env: dict[str, 
     script = record / HELPER.name  # run from a folder of its own: tests/helpers/tokenizers.py would shadow
     shutil.copy(HELPER, script)  # the tokenizers package for a script started from tests/helpers
     return accelerate_launch([script, record, *cli], port=port, env={**ONE_THREAD, **(env or {})})
-
-
-def recorded(record: Path) -> dict[int, list[tuple[str, str]]]:
-    out = {}
-    for rank in (0, 1):
-        f = record / f"rank{rank}.txt"
-        out[rank] = [tuple(line.split()) for line in f.read_text().splitlines()] if f.exists() else []
-    return out
 
 
 def test_two_processes_write_the_single_process_store_byte_for_byte(setup, reference, tmp_path):

@@ -115,3 +115,48 @@ def test_vllm_prompt_logprobs_convert_to_the_store_layout():
     assert row.ids.tolist() == [[1, 2], [11, 4]]
     np.testing.assert_allclose(row.logp.astype(float), [[-0.2, -1.9], [-0.5, -1.0]], rtol=1e-3)
     np.testing.assert_allclose(row.gold_nll.astype(float), [3.0, 0.5], rtol=1e-3)
+
+
+def _padded_batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    mask[2, 5:] = 0
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE))
+    labels[:, :4] = IGNORE  # the prompt
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_lm_head_on_supervised_positions_alone_gives_the_models_own_logits(family):
+    from fuselab.fusion.train import head_splits, supervised_logits
+    from helpers.prune import gemma3_config
+
+    config = tiny_llama_config() if family == "llama" else gemma3_config(layers=2)
+    if family == "gemma3":
+        config.final_logit_softcapping = 3.0  # small enough to matter at these logit scales
+    model = random_model(config)
+    ids, mask, labels = _padded_batch(config.vocab_size)
+    assert head_splits(model, ids, mask, labels)
+    full, gold_full, _ = supervised_logits(model, ids, mask, labels, split=False)
+    part, gold, outputs = supervised_logits(model, ids, mask, labels, split=True)
+    n = int((labels[:, 1:] != IGNORE).sum())
+    assert part.shape == (n, config.vocab_size) and outputs is None
+    assert torch.equal(gold, gold_full)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+    if family == "gemma3":
+        assert float(full.detach().abs().max()) <= 3.0  # the soft-capping was applied, and reproduced
+
+
+def test_a_model_whose_logits_the_split_does_not_reproduce_keeps_the_full_forward(caplog):
+    from fuselab.fusion.train import head_splits
+
+    config = tiny_llama_config()
+    model = random_model(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)  # logits large enough that a soft-cap changes them
+    model.config.final_logit_softcapping = 1.0  # the split would cap; Llama's own forward does not
+    ids, mask, labels = _padded_batch(config.vocab_size)
+    assert not head_splits(model, ids, mask, labels)
+    assert "training computes the full logits" in caplog.text

@@ -112,7 +112,7 @@ def test_build_resumes_without_resampling(models, tmp_path, monkeypatch):
     monkeypatch.setattr(sampling, "generate", failing_after_sources)
     with pytest.raises(RuntimeError):
         build.run_build(cfg, out)
-    assert not out.exists() and (tmp_path / ".data.work" / "samples" / "source-0.samples.jsonl").is_file()
+    assert not out.exists() and list((tmp_path / ".data.work" / "samples").glob("source-0.*/samples/*.jsonl"))
     monkeypatch.setattr(
         sampling, "generate", lambda path, *a, **kw: (calls.append(str(path)), real(path, *a, **kw))
     )

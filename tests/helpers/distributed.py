@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def accelerate_launch(
@@ -28,3 +29,12 @@ def accelerate_launch(
         "--main_process_port", str(port), *map(str, script_and_args),
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def recorded(record: Path, ranks: int = 2) -> dict[int, list[tuple[str, ...]]]:
+    """What each rank's recording helper wrote (``rank<r>.txt`` under ``record``): one tuple per line."""
+    out = {}
+    for rank in range(ranks):
+        f = record / f"rank{rank}.txt"
+        out[rank] = [tuple(line.split()) for line in f.read_text().splitlines()] if f.exists() else []
+    return out

@@ -86,9 +86,11 @@ def load_conversations(
     out: list[Conversation] = []
     for path in paths:
         path = Path(path)
-        for index, row in enumerate(_read_rows(path)):
+        for index, (line, row) in enumerate(_read_rows(path)):
             report.rows += 1
             where = f"{path} row {index + 1}"  # 1-based, as an editor counts
+            if line is not None and line != index + 1:  # JSON Lines with blank lines: where to look
+                where += f" (line {line})"
             try:
                 conv = parse_row(row, default_id=f"{path.stem}/{index}", where=where)
             except DataError as err:
@@ -136,19 +138,19 @@ def parse_row(row: Any, *, default_id: str, where: str) -> Conversation:
     messages: list[dict[str, str]] = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise _row_error(where, "bad message", f"message {i} is not an object")
+            raise _row_error(where, "bad message", f"message {i + 1} is not an object")
         extra = set(m) - msg_fields
         if extra:
             raise _row_error(
                 where,
                 "unknown fields",
-                f"message {i} has unknown fields {sorted(extra)} (allowed: {sorted(msg_fields)})",
+                f"message {i + 1} has unknown fields {sorted(extra)} (allowed: {sorted(msg_fields)})",
             )
         if key == "messages":
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
                 raise _row_error(
-                    where, "bad role", f"message {i} has role {role!r}; expected one of {list(ROLES)}"
+                    where, "bad role", f"message {i + 1} has role {role!r}; expected one of {list(ROLES)}"
                 )
         else:
             sender, content = m.get("from"), m.get("value")
@@ -156,11 +158,13 @@ def parse_row(row: Any, *, default_id: str, where: str) -> Conversation:
                 raise _row_error(
                     where,
                     "bad role",
-                    f"message {i} has from={sender!r}; expected one of {sorted(SHAREGPT_ROLES)}",
+                    f"message {i + 1} has from={sender!r}; expected one of {sorted(SHAREGPT_ROLES)}",
                 )
             role = SHAREGPT_ROLES[sender]
         if not isinstance(content, str) or not content.strip():
-            raise _row_error(where, "empty content", f"message {i} ({role}) has empty or non-text content")
+            raise _row_error(
+                where, "empty content", f"message {i + 1} ({role}) has empty or non-text content"
+            )
         messages.append({"role": role, "content": content})
     _check_order(messages, where)
     conv_id = str(row.get("id", default_id))
@@ -180,7 +184,7 @@ def _check_order(messages: list[dict[str, str]], where: str) -> None:
             raise _row_error(
                 where,
                 "wrong role order",
-                f"message {i + offset} is {m['role']!r} where {expected!r} was expected "
+                f"message {i + offset + 1} is {m['role']!r} where {expected!r} was expected "
                 "(roles must be: optional system, then user/assistant alternating)",
             )
     if body[-1]["role"] != "assistant":
@@ -191,29 +195,38 @@ def _check_order(messages: list[dict[str, str]], where: str) -> None:
 # Containers
 
 
-def _read_rows(path: Path) -> Iterator[Any]:
+def _read_rows(path: Path) -> Iterator[tuple[int | None, Any]]:
+    """``(line, row)`` for each row of ``path``: the 1-based line of a JSON Lines row, else None."""
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        yield from _read_jsonl(path)
+        return
+    for row in _read_container(path):
+        yield None, row
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {n}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {n}: not valid JSON ({err.msg})") from None
+
+
+def _read_container(path: Path) -> Iterator[Any]:
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     if path.is_dir():
         yield from _read_arrow_folder(path)
         return
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(
-                        f"{path} line {n + 1}: not UTF-8 text ({err.reason}); save it as UTF-8"
-                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path} line {n + 1}: not valid JSON ({err.msg})") from None
-    elif suffix == ".json":
+    if suffix == ".json":
         try:
             data = json.loads(read_text(path))
         except json.JSONDecodeError as err:

@@ -97,9 +97,10 @@ def assistant_nll(
     for batch in token_batches(order, lengths, batch_tokens):
         with torch.inference_mode():
             states, gold, _ = runner.scored_states([encoded[i] for i in batch])
-            for a in range(0, len(gold), 1024):
-                logits = runner.head_logits(states[a : a + 1024])
-                total += float(torch.nn.functional.cross_entropy(logits, gold[a : a + 1024], reduction="sum"))
+            step = runner.head_chunk
+            for a in range(0, len(gold), step):
+                logits = runner.head_logits(states[a : a + step])
+                total += float(torch.nn.functional.cross_entropy(logits, gold[a : a + step], reduction="sum"))
         tokens += len(gold)
         bar.update(len(gold))
     bar.close()

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fuselab.utils.config import StrictModel, load_config
+from fuselab.utils.config import StrictModel, check_scheduler_name, load_config
 
 
 class DataFile(StrictModel):
@@ -210,6 +210,11 @@ class TrainConfig(StrictModel):
     log_example_ids: bool = Field(
         False, description="write the example ids each process trained on (diagnostics)"
     )
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        return check_scheduler_name(v)
 
 
 class FusionRecipe(StrictModel):

@@ -34,10 +34,12 @@ from fuselab.fusion.store import (
     write_shard_files,
 )
 from fuselab.utils.distributed import current_ranks, rank_device, wait_for
-from fuselab.utils.errors import ConfigError, FuselabError
+from fuselab.utils.errors import ConfigError, FuselabError, IncompatibleModelsError, NonFiniteError
 from fuselab.utils.progress import progress
 
 log = logging.getLogger(__name__)
+
+HEAD_ELEMENTS = 1 << 26  # float32 logits per LM-head call (256 MiB), whatever the vocabulary size
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ def extract(
             "extract.tensor_parallel_size for a source larger than one GPU); run `fuselab fusion extract` "
             "without `accelerate launch`, or use backend: transformers for data-parallel extraction"
         )
+    check_vocabulary(model_path, encoded)  # before any forward, which would crash deep in torch
     meta = {**settings.store_meta(), "examples": len(texts)}
     shards = plan_shards(encoded, settings.shard_tokens)
     plan = [(f"shard-{n:05d}", s) for n, s in enumerate(shards)]
@@ -237,6 +240,44 @@ def extract(
     return summary
 
 
+def check_vocabulary(model_path: Path, encoded: Sequence[Encoded]) -> None:
+    """Refuse, before any forward, a model whose tokenizer gives ids its embedding or LM head has no row for
+    (the forward would stop at an IndexError, or a CUDA device-side assert, deep in torch), and one whose
+    ``config.vocab_size`` disagrees with its weights (transformers refuses to load it, after a long report).
+    Reads the weight files' headers only."""
+    from fuselab.modeling.checkpoint import Checkpoint
+    from fuselab.modeling.inspect import embedding_rows
+
+    if not (Path(model_path) / "config.json").is_file():
+        return  # not a local folder (a vLLM hub id): vLLM checks its own
+    with Checkpoint(model_path) as ckpt:
+        embed = embedding_rows(ckpt)
+        head = next(
+            ((n, ckpt.tensors[n].shape[0]) for n in ckpt.tensors if n.endswith("lm_head.weight")), None
+        )
+        size = ckpt.text_config().get("vocab_size")
+    config = Path(model_path) / "config.json"
+    for found in (embed, head):
+        if found is not None and isinstance(size, int) and found[1] != size:
+            raise IncompatibleModelsError(
+                f"{model_path}: config.json says vocab_size {size}, but its `{found[0]}` has {found[1]} rows; "
+                f"set `vocab_size` to {found[1]} in {config} (or re-export the model)"
+            )
+    bounds = [(f"`{n}`", rows) for n, rows in (f for f in (embed, head) if f)] or (
+        [("config.vocab_size", size)] if isinstance(size, int) else []
+    )
+    top = max((int(e.ids.max()) for e in encoded if len(e.ids)), default=-1)
+    for what, rows in bounds:
+        if top >= rows:
+            raise IncompatibleModelsError(
+                f"{model_path}: its tokenizer gives token ids up to {top} on the data, but the model's {what} "
+                f"has {rows} rows (ids 0 to {rows - 1}): the tokenizer in that folder is not the model's own. "
+                "Put the model's own tokenizer files there, or resize the embeddings to the tokenizer "
+                "(`model.resize_token_embeddings(len(tokenizer))`, then save); `fuselab info "
+                f"{model_path}` shows both sizes"
+            )
+
+
 def open_store(store_dir: str | Path, settings: ExtractSettings, n_examples: int) -> TopKStore:
     store = TopKStore(store_dir)
     expected = {**settings.store_meta(), "examples": n_examples}
@@ -273,6 +314,7 @@ class TransformersTopK:
         from transformers import AutoModelForCausalLM
 
         self.settings = settings
+        self.model_path = model_path
         dtype = resolve_dtype(settings.dtype, settings.device)
         if settings.device_map is not None:
             # accelerate places the layers (GPUs first, then CPU) and moves activations between them
@@ -292,6 +334,14 @@ class TransformersTopK:
         self.softcap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
         self.pad_id = 0
         self._checked = False
+
+    @property
+    def head_chunk(self) -> int:
+        """Positions per LM-head call: ``chunk_positions``, fewer for a large vocabulary, so that one call's
+        float32 logits stay within ``HEAD_ELEMENTS`` (Gemma-3's 262k vocabulary took 1 GB per 1,024 positions,
+        twice that with the log-softmax, and set the demo's peak memory)."""
+        vocab = self.head.weight.shape[0]
+        return max(16, min(self.settings.chunk_positions, HEAD_ELEMENTS // vocab))
 
     def head_logits(self, hidden):
         logits = self.head(hidden).float()
@@ -331,9 +381,10 @@ class TransformersTopK:
             states, gold, counts = self.scored_states(batch)
             k, temp = self.settings.k, self.settings.temperature
             out_ids, out_logp, out_nll = [], [], []
-            for a in range(0, len(gold), self.settings.chunk_positions):
-                logits = self.head_logits(states[a : a + self.settings.chunk_positions])
-                g = gold[a : a + self.settings.chunk_positions]
+            step = self.head_chunk
+            for a in range(0, len(gold), step):
+                logits = self.head_logits(states[a : a + step])
+                g = gold[a : a + step]
                 lse = logits.logsumexp(-1)
                 out_nll.append(lse - logits.gather(1, g[:, None].to(logits.device))[:, 0])
                 if temp != 1.0:
@@ -347,7 +398,8 @@ class TransformersTopK:
             )
             all_logp = torch.cat(out_logp).cpu().numpy() if out_logp else np.zeros((0, k), np.float32)
             all_nll = torch.cat(out_nll).cpu().numpy() if out_nll else np.zeros(0, np.float32)
-        _check_finite(all_logp, all_nll)
+        if not _all_finite(all_logp, all_nll):
+            raise self._nonfinite()
         result = []
         a = 0
         for n in counts:
@@ -374,6 +426,8 @@ class TransformersTopK:
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         full = logits[0, positions.to(logits.device)].float()
         mine = self.head_logits(states).to(full.device)
+        if not (bool(torch.isfinite(full).all()) and bool(torch.isfinite(mine).all())):
+            raise self._nonfinite()  # NaN weights, not an architecture fuselab does not reproduce
         tol = 1e-3 if full.dtype == torch.float32 and states.dtype == torch.float32 else 5e-2
         if not torch.allclose(full, mine, atol=tol * max(1.0, float(full.abs().max())), rtol=0):
             raise FuselabError(
@@ -382,14 +436,22 @@ class TransformersTopK:
                 "a way fuselab does not reproduce. Use backend: vllm, or report the architecture"
             )
 
+    def _nonfinite(self) -> NonFiniteError:
+        """Why the logits are not finite: a NaN/inf weight (named), else an overflow in the dtype."""
+        from fuselab.utils.finite import nonfinite_weights_error
 
-def _check_finite(logp: np.ndarray, nll: np.ndarray) -> None:
-    if (logp.size and not np.isfinite(logp.sum())) or (nll.size and not np.isfinite(nll.sum())):
-        from fuselab.utils.errors import NonFiniteError
-
-        raise NonFiniteError(
-            "the model produced NaN/inf log-probabilities; check the checkpoint (fuselab info) or use dtype float32"
+        err = nonfinite_weights_error(self.model, self.model_path)
+        if err is not None:
+            return err
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return NonFiniteError(
+            f"model {self.model_path} produced NaN/inf logits although every weight is finite: its activations "
+            f"overflow in {dtype}; set extract.dtype: float32"
         )
+
+
+def _all_finite(logp: np.ndarray, nll: np.ndarray) -> bool:
+    return not ((logp.size and not np.isfinite(logp.sum())) or (nll.size and not np.isfinite(nll.sum())))
 
 
 class VllmTopK:

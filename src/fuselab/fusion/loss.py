@@ -100,13 +100,42 @@ def fusion_loss(
     ``chunk_ids`` [N] (batch-wide chunk indices, −1: none) and ``chunk_logp`` [C] instead of the targets.
     """
     sup = labels[:, 1:] != IGNORE
-    z = logits[:, :-1][sup].float()  # [N, V]
-    gold = labels[:, 1:][sup]
+    return supervised_fusion_loss(
+        logits[:, :-1][sup],
+        labels[:, 1:][sup],
+        target_ids,
+        target_logp,
+        lam=lam,
+        kind=kind,
+        tail=tail,
+        chunk_ids=chunk_ids,
+        chunk_logp=chunk_logp,
+        alm_temperature=alm_temperature,
+    )
+
+
+def supervised_fusion_loss(
+    z: torch.Tensor,
+    gold: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logp: torch.Tensor,
+    *,
+    lam: float,
+    kind: Literal["ce", "kl", "alm"] = "ce",
+    tail: Literal["bucket", "renormalize"] = "bucket",
+    chunk_ids: torch.Tensor | None = None,
+    chunk_logp: torch.Tensor | None = None,
+    alm_temperature: float = 1.0,
+) -> FusionLossOutput:
+    """:func:`fusion_loss` on the logits of the supervised positions only: ``z`` [N, V] and their gold next
+    tokens ``gold`` [N], row-major. Training computes the LM head on those positions alone
+    (:func:`fuselab.fusion.train.supervised_logits`), never on prompt or padding positions."""
+    z = z.float()  # [N, V]
     n = z.shape[0]
     if target_ids.shape[0] != n:
         raise ValueError(f"{target_ids.shape[0]} target rows for {n} supervised positions")
     if n == 0:
-        zero = logits.sum() * 0.0
+        zero = z.sum() * 0.0
         return FusionLossOutput(zero, zero.detach(), zero.detach(), 0)
     lse = z.logsumexp(-1)
     clm = (lse - z.gather(1, gold[:, None])[:, 0]).mean()

@@ -15,6 +15,7 @@ byte, whichever number of processes wrote it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -27,6 +28,8 @@ import numpy as np
 
 from fuselab.utils.atomic import atomic_write_json
 from fuselab.utils.errors import FuselabError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -45,6 +48,74 @@ class ExampleTopK:
     gold_nll: np.ndarray  # float16 [n]
 
 
+SHARD_FILES = ("examples", "offsets", "ids", "logp", "gold_nll")
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a ``.npy`` file, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        return shape, dtype, f.tell()
+
+
+def shard_problem(folder: str | Path, k: int, entry: dict[str, Any] | None = None) -> str | None:
+    """What is wrong with the files of the shard ``folder``, or None when they are whole.
+
+    Each ``.npy`` file must hold the bytes its header promises (a half-written or truncated file does not),
+    the shapes must agree with each other and with ``k``, and with the manifest's ``entry`` when given.
+    Reads the headers and the last offset only (issue 16: a half ``logp.npy`` was "already extracted")."""
+    folder = Path(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for n in SHARD_FILES:
+        f = folder / f"{n}.npy"
+        try:
+            shape, dtype, start = _npy_header(f)
+            size = f.stat().st_size
+        except FileNotFoundError:
+            return f"{f} is missing"
+        except (OSError, ValueError, EOFError) as err:
+            return f"{f} has no readable .npy header ({err})"
+        need = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if size < need:
+            return f"{f} is truncated: {size} bytes, where its header ({dtype} {shape}) needs {need}"
+        shapes[n] = shape
+    examples = shapes["examples"][0] if len(shapes["examples"]) == 1 else -1
+    try:
+        offsets = np.load(folder / "offsets.npy", mmap_mode="r")
+        tokens = int(offsets[-1]) if offsets.ndim == 1 and len(offsets) else -1
+    except (OSError, ValueError) as err:
+        return f"{folder / 'offsets.npy'} cannot be read ({err})"
+    want = {
+        "offsets": (examples + 1,),
+        "ids": (tokens, k),
+        "logp": (tokens, k),
+        "gold_nll": (tokens,),
+    }
+    for n, shape in want.items():
+        if shapes[n] != shape:
+            return (
+                f"{folder / f'{n}.npy'} has shape {shapes[n]} where the shard's {examples} examples and "
+                f"{tokens} tokens at k = {k} need {shape}"
+            )
+    if entry is not None and (entry.get("examples"), entry.get("tokens")) != (examples, tokens):
+        return (
+            f"{folder} holds {examples} examples and {tokens} tokens, but the manifest records "
+            f"{entry.get('examples')} and {entry.get('tokens')}"
+        )
+    return None
+
+
+def damaged_shards(root: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """What is wrong with each shard the manifest records (empty when every one is whole)."""
+    k = int(manifest["meta"]["k"])
+    found = (shard_problem(Path(root) / s["name"], k, s) for s in manifest.get("shards", []))
+    return [p for p in found if p is not None]
+
+
 def shard_entry(root: str | Path, name: str, example_indices: list[int], k: int) -> dict[str, Any] | None:
     """The manifest entry of shard ``name`` if its folder in ``root`` is complete and holds exactly
     ``example_indices`` (in that order) at ``k`` candidates, else None.
@@ -53,20 +124,20 @@ def shard_entry(root: str | Path, name: str, example_indices: list[int], k: int)
     written, so its presence means it is whole. That lets several processes write shards without sharing the
     manifest, and lets any later run (with one process or many) take over the shards a crashed run finished.
     Checking the example indices against the plan keeps a shard planned differently (another
-    ``shard_tokens``) from being mistaken for this one; only headers are read, so it costs little."""
+    ``shard_tokens``) from being mistaken for this one; only headers are read, so it costs little. A folder
+    whose files were damaged afterwards (a full disk, a copy cut short) is not whole either
+    (:func:`shard_problem`): it counts as missing, so it is extracted again, with a warning."""
     folder = Path(root) / name
-    try:
-        examples = np.load(folder / "examples.npy")
-        offsets = np.load(folder / "offsets.npy")
-        shapes = {n: np.load(folder / f"{n}.npy", mmap_mode="r").shape for n in ("ids", "logp", "gold_nll")}
-    except (OSError, ValueError):
+    if not folder.is_dir():
         return None
-    if examples.tolist() != list(example_indices) or len(offsets) != len(examples) + 1:
+    problem = shard_problem(folder, k)
+    if problem is not None:
+        log.warning("%s; extracting shard %s again", problem, name)
         return None
-    total = int(offsets[-1]) if len(offsets) else -1
-    if shapes["ids"] != (total, k) or shapes["logp"] != (total, k) or shapes["gold_nll"] != (total,):
+    examples = np.load(folder / "examples.npy")
+    if examples.tolist() != list(example_indices):
         return None
-    return {"name": name, "examples": len(examples), "tokens": total}
+    return {"name": name, "examples": len(examples), "tokens": int(np.load(folder / "offsets.npy")[-1])}
 
 
 def remove_leftovers(root: str | Path, names: Iterable[str] | None = None) -> None:
@@ -170,6 +241,8 @@ class TopKStoreWriter:
             else:
                 changed = True
         self.manifest["shards"] = kept
+        if changed:  # a forgotten shard is extracted again: until then the store is not complete
+            self.manifest["complete"] = False
         for folder in self.root.glob("shard-*"):
             if folder.name not in planned and folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
@@ -221,6 +294,13 @@ class TopKStore:
         self.meta: dict[str, Any] = self.manifest["meta"]
         self._shards: list[dict[str, np.ndarray]] = []
         self._where: dict[int, tuple[int, int]] = {}
+        damaged = damaged_shards(self.root, self.manifest)
+        if damaged:
+            raise StoreError(
+                f"the store in {self.root} has {len(damaged)} damaged shard(s): {damaged[0]}; rerun the same "
+                "`fuselab fusion extract` (or `fuselab fuse`) command: it extracts the damaged shards again and "
+                "keeps the others"
+            )
         for s, shard in enumerate(self.manifest["shards"]):
             folder = self.root / shard["name"]
             arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("ids", "logp", "gold_nll")}

@@ -28,6 +28,7 @@ from fuselab.data.render import Encoded, RenderedText, SplitReport, encode, rend
 from fuselab.fusion.config import FusionRecipe
 from fuselab.utils.atomic import atomic_output_dir, atomic_write_text
 from fuselab.utils.errors import ConfigError
+from fuselab.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +270,18 @@ class Workspace:
         return self.workdir / "topk" / f"{name}-{key}"
 
     def is_extracted(self, name: str) -> bool:
-        manifest = self.store_dir(name) / "manifest.json"
-        return manifest.exists() and bool(json.loads(manifest.read_text()).get("complete"))
+        """Whether the store is complete and every shard it records is whole: a damaged shard (a half
+        ``logp.npy``) sends the store back to :meth:`extract`, which extracts that shard again."""
+        from fuselab.fusion.store import damaged_shards
+
+        directory = self.store_dir(name)
+        manifest = directory / "manifest.json"
+        if not manifest.exists():
+            return False
+        recorded = json.loads(manifest.read_text())
+        if not recorded.get("complete"):
+            return False
+        return not damaged_shards(directory, recorded)  # extract() warns, naming each damaged file
 
     def extract(self, names: list[str] | None = None) -> dict[str, Any]:
         from fuselab.fusion.extract import extract
@@ -290,6 +301,7 @@ class Workspace:
                 show_progress=self.show_progress,
                 encoded=self.encoded(name),
             )
+            release_memory()  # the next model starts without this one's freed heap
         return out
 
     def store(self, name: str):

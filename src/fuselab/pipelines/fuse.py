@@ -33,6 +33,7 @@ from fuselab.fusion.workspace import Workspace, load_data_items
 from fuselab.pipelines.config import STAGES, FuseRecipe
 from fuselab.utils.atomic import atomic_output_dir, atomic_write_json, output_lock
 from fuselab.utils.errors import ConfigError, OutputExistsError
+from fuselab.utils.memory import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class FusePipeline:
         )
         self.pivot = self.ws.pivot
         self._heldout: dict[str, list] | None = None
+        self._heldout_convs: dict[str, list] | None = None
         self._heldout_key: dict[str, str] | None = None
 
     # -- names and keys ----------------------------------------------------------------------------------
@@ -168,15 +170,25 @@ class FusePipeline:
             toks = [
                 self.ws.tokenizer(n) for n in ([self.pivot, *self.ws.sources] if ev.sources else [self.pivot])
             ]
-            self._heldout = {}
-            for domain, items in ev.heldout.items():
-                convs = load_data_items(items, self.recipe.data.on_bad_rows)
-                if not convs:
-                    raise ConfigError(f"evaluate.heldout.{domain}: no conversations in {items}")
-                self._heldout[domain] = render_to_fit(
+            self._heldout = {
+                domain: render_to_fit(
                     convs, self.ws.tokenizer(self.pivot), toks, ev.max_length, SplitReport()
                 )
+                for domain, convs in self.heldout_conversations().items()
+            }
         return self._heldout
+
+    def heldout_conversations(self) -> dict[str, list]:
+        """Domain -> held-out conversations, read once: :meth:`run` reads them before the first stage, so that
+        a file that is not UTF-8 or holds a malformed row stops the run before extraction, not after training."""
+        if self._heldout_convs is None:
+            convs = {}
+            for domain, items in self.recipe.evaluate.heldout.items():
+                convs[domain] = load_data_items(items, self.recipe.data.on_bad_rows)
+                if not convs[domain]:
+                    raise ConfigError(f"evaluate.heldout.{domain}: no conversations in {items}")
+            self._heldout_convs = convs
+        return self._heldout_convs
 
     def heldout_key(self) -> dict[str, str]:
         """Domain -> content hash of its held-out texts, computed once."""
@@ -320,6 +332,8 @@ class FusePipeline:
 
         check_device(self.recipe.extract.device, "extract.device")  # at load, not after the extraction
         check_device(self.recipe.evaluate.device, "evaluate.device")  # nor after training
+        if until is None or STAGES.index(until) >= STAGES.index("evaluate"):
+            self.heldout_conversations()  # their files are read now, not after training
         if not ranks.is_main:  # a helper of the main process, which holds the locks
             return self._run(from_stage, until, record=False)
         # one run per work folder and output: a second `fuselab fuse` to either fails at once
@@ -337,6 +351,7 @@ class FusePipeline:
             if stage in forced:
                 self._clear(stage)
             ran, skipped = getattr(self, f"_run_{stage}")()
+            release_memory()  # the next stage starts without this one's freed heap
             result.ran[stage], result.skipped[stage] = ran, skipped
             result.stage_seconds[stage] = time.perf_counter() - t0
             log.info("%s: ran %s, cached %s (%.1f s)", stage, ran, skipped, result.stage_seconds[stage])
@@ -425,6 +440,7 @@ class FusePipeline:
                 show_progress=self.show_progress,
                 meta_overrides=overrides,
             )
+            release_memory()
             ran.append(t)
         return ran, skipped
 
@@ -489,6 +505,7 @@ class FusePipeline:
                 else []
             )
             del scorer
+            release_memory()
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(
                 path,

@@ -66,19 +66,28 @@ def read_rows(ref: str, tokenizer: Any) -> list[str]:
     text = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{ref}: not valid JSON Lines ({err})") from None
+        rows, where = [], []
+        for n, line in enumerate(text.split("\n"), start=1):  # 1-based, as an editor counts
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(
+                    f"{ref} line {n}: not valid JSON ({err.msg} at column {err.colno}); fix or remove that line"
+                ) from None
+            row = len(rows)
+            where.append(f"{ref} row {row}" + (f" (line {n})" if n != row else ""))
     elif suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{ref}: not valid JSON ({err})") from None
         rows = data if isinstance(data, list) else [data]
+        where = [f"{ref} row {n}" for n in range(1, len(rows) + 1)]
     else:
-        rows = [text]
-    return [_row_text(r, tokenizer, ref) for r in rows]
+        rows, where = [text], [ref]
+    return [_row_text(r, tokenizer, w) for r, w in zip(rows, where)]
 
 
 def tokenize_chunks(

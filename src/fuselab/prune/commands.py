@@ -119,7 +119,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     dtype = resolve_dtype(args.dtype, args.device, what="--dtype")
     path = resolve_model(args.model)
+    from fuselab.utils.finite import check_finite_weights
+
     model = load_pruned_model(path, dtype=dtype).to(args.device)
+    check_finite_weights(model, path)  # a perplexity of inf would not say why
     tokenizer = load_pruned_tokenizer(path)  # no trust-remote-code prompt for fuselab's own exports
     report: dict = {"model": str(path), "dtype": args.dtype}
     if args.data:

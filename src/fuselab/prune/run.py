@@ -38,6 +38,7 @@ from fuselab.prune.search import (
 from fuselab.utils.atomic import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
 from fuselab.utils.config import dump_yaml
 from fuselab.utils.errors import ConfigError, FuselabError
+from fuselab.utils.finite import check_finite_weights
 from fuselab.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ def run_prune(
 
     model_dir, tokenizer, model = _model_and_tokenizer(recipe)
     check_output_dir(out, force, inputs=[model_dir])  # never the model it reads
+    check_finite_weights(model, model_dir)  # NaN weights would fail the block probe, blaming the layout
     layout = inspect_blocks(model)
     check_stop_reachable(recipe, layout)  # before calibration and search, which are the expensive part
     cal = recipe.calibration

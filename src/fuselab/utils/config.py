@@ -96,5 +96,16 @@ def load_config(model_cls: type[M], path: str | Path) -> M:
     return validate_config(model_cls, load_yaml(path), source=str(path))
 
 
+def check_scheduler_name(name: str) -> str:
+    """``name`` if transformers knows it as a learning-rate scheduler (``SchedulerType``), else a ValueError
+    listing the valid names: a misspelt scheduler used to fail only when training started."""
+    from transformers.trainer_utils import SchedulerType
+
+    valid = [s.value for s in SchedulerType]
+    if name not in valid:
+        raise ValueError(f"unknown learning-rate scheduler {name!r}; valid: {', '.join(valid)}")
+    return name
+
+
 def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)

@@ -64,10 +64,17 @@ def _build(args: argparse.Namespace) -> int:
 
         os.environ[UNSAFE_ENV] = "1"  # read by every execution sandbox of this process
 
+    from fuselab.utils.distributed import current_ranks
+
     result = run_build(args.recipe, args.out_dir, force=args.force)
+    ranks = current_ranks()
+    if not ranks.is_main:  # every rank did its share; one report is enough
+        return 0
     print(
         f"built {result.wrpo_rows} WRPO rows and {result.sft_rows} SFT rows from {result.prompts} prompts "
-        f"in {result.seconds:.0f} s -> {result.out_dir}"
+        f"in {result.seconds:.0f} s"
+        + (f" [{ranks.count} processes]" if ranks.distributed else "")
+        + f" -> {result.out_dir}"
     )
     return 0
 

@@ -10,12 +10,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
-from fuselab.utils.config import StrictModel, load_config, load_yaml, validate_config
+from fuselab.fusion.config import ExtractConfig
+from fuselab.utils.config import StrictModel, check_scheduler_name, load_config, load_yaml, validate_config
 from fuselab.utils.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------- build
+
+
+def _vllm_option(name: str, description: str) -> Any:
+    """Fusion extraction's field ``name`` (type, default and bounds), described for sampling."""
+    return FieldInfo.merge_field_infos(ExtractConfig.model_fields[name], description=description)
+
+
+def check_vllm_options(backend: str, **options: Any) -> None:
+    """The vLLM engine options checked by the rule fusion extraction applies (they are vLLM's: refused with
+    another backend), so that both stages accept and refuse the same; ValueError (for pydantic) if not."""
+    try:
+        ExtractConfig(backend=backend, **options)
+    except ValidationError as err:
+        raise ValueError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
 
 
 class PromptsConfig(StrictModel):
@@ -38,7 +54,13 @@ class PromptsConfig(StrictModel):
 
 
 class SamplingConfig(StrictModel):
-    """How responses are sampled (the paper follows SimPO: temperature 0.8, top-p 0.95)."""
+    """How responses are sampled (the paper follows SimPO: temperature 0.8, top-p 0.95).
+
+    Batch ``b`` (prompts ``b * batch_size`` onwards) is sampled with seed ``seed + b`` whichever process
+    samples it: under ``accelerate launch --num_processes N`` batch ``b`` goes to rank ``b mod N``. vLLM's
+    engine options (``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``) are fusion
+    extraction's fields with its checks: refused with ``backend: transformers``, taken with ``auto``
+    (which may pick vLLM) and ``vllm``."""
 
     n: int = Field(4, ge=2, description="responses per prompt and model (>= 2 so that best != worst)")
     temperature: float = Field(0.8, gt=0)
@@ -51,6 +73,35 @@ class SamplingConfig(StrictModel):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
+    # vLLM's engine options: the fields (type, default, bounds) and their checks are fusion extraction's
+    tensor_parallel_size: int = _vllm_option(
+        "tensor_parallel_size", "vllm backend: GPUs one model is split over (vLLM's tensor parallelism)"
+    )
+    gpu_memory_utilization: float | None = _vllm_option(
+        "gpu_memory_utilization",
+        "vllm backend: share of each GPU's memory vLLM may take (vLLM's default: 0.9)",
+    )
+    max_model_len: int | None = _vllm_option(
+        "max_model_len",
+        "vllm backend: context length vLLM reserves its KV cache for (default: the model's); longer than "
+        "max_new_tokens",
+    )
+
+    @model_validator(mode="after")
+    def _vllm_options(self) -> SamplingConfig:
+        # `auto` may pick vLLM, so the options are accepted there; `transformers` never uses them
+        check_vllm_options(
+            "transformers" if self.backend == "transformers" else "vllm",
+            tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+        )
+        if self.max_model_len is not None and self.max_model_len <= self.max_new_tokens:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) leaves no room for a prompt before max_new_tokens "
+                f"({self.max_new_tokens}) new tokens; raise max_model_len or lower max_new_tokens"
+            )
+        return self
 
 
 class SourceConfig(StrictModel):
@@ -90,6 +141,11 @@ class SFTConfig(StrictModel):
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     max_length: int = Field(1024, ge=8)
     seed: int = 42
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        return check_scheduler_name(v)
 
 
 class BuildConfig(StrictModel):
@@ -181,6 +237,11 @@ class TrainingConfig(StrictModel):
     extra: dict[str, Any] = Field(
         default_factory=dict, description="other TrainingArguments, e.g. deepspeed: ds.json, fsdp: ..."
     )
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        return check_scheduler_name(v)
 
     @field_validator("extra")
     @classmethod

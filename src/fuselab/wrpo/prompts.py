@@ -23,25 +23,43 @@ class PromptRow:
     id: str
     messages: list[dict[str, str]]
     row: dict[str, Any] = field(default_factory=dict)
+    number: int = 0  # the row's place in its file, counted from 1 (0: not from a file)
+    source: str = ""  # the file (or bundled data) it came from
+
+
+_EMPTY_FIX = "give it a question to answer, or remove the row"
 
 
 def prompt_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
-    """The prompt turns of a row: ``prompt`` (string or messages) or ``messages`` minus final assistant turns."""
+    """The prompt turns of a row: ``prompt`` (string or messages) or ``messages`` minus final assistant turns.
+
+    An empty prompt (an empty string, no messages, or a last user turn without text) is an error naming
+    ``where``: a model sampled on nothing gives responses no scorer can judge."""
     if "prompt" in row and isinstance(row["prompt"], str):
         if not row["prompt"].strip():
-            raise ConfigError(f"{where}: empty prompt")
+            raise ConfigError(f"{where}: empty prompt (`prompt` has no text); {_EMPTY_FIX}")
         return [{"role": "user", "content": row["prompt"]}]
-    msgs = row.get("prompt") if isinstance(row.get("prompt"), list) else row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
+    key = "prompt" if isinstance(row.get("prompt"), list) else "messages"
+    msgs = row.get(key)
+    if isinstance(msgs, list) and not msgs:
+        raise ConfigError(f"{where}: empty prompt (`{key}` is an empty list); {_EMPTY_FIX}")
+    if not isinstance(msgs, list):
         raise ConfigError(f"{where}: a prompt row needs `prompt` (string or messages) or `messages`")
     for m in msgs:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ConfigError(f"{where}: every message needs `role` and `content`")
-    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+        if not isinstance(m["content"], str):
+            raise ConfigError(
+                f"{where}: message content must be text, got {type(m['content']).__name__} for a "
+                f"{m['role']} turn"
+            )
+    msgs = [{"role": str(m["role"]), "content": m["content"]} for m in msgs]
     while msgs and msgs[-1]["role"] == "assistant":
         msgs.pop()
     if not msgs or msgs[-1]["role"] != "user":
         raise ConfigError(f"{where}: the prompt must end with a user turn")
+    if not msgs[-1]["content"].strip():
+        raise ConfigError(f"{where}: empty prompt (the last user turn has no text); {_EMPTY_FIX}")
     return msgs
 
 
@@ -63,7 +81,7 @@ def load_prompts(cfg: PromptsConfig) -> list[PromptRow]:
         if pid in seen:
             raise ConfigError(f"{where}: duplicate id {pid!r}; ids must be unique")
         seen.add(pid)
-        out.append(PromptRow(pid, prompt_messages(row, where), row))
+        out.append(PromptRow(pid, prompt_messages(row, where), row, number=i + 1, source=source))
     if cfg.shuffle_seed is not None:
         random.Random(cfg.shuffle_seed).shuffle(out)
     if cfg.limit is not None:

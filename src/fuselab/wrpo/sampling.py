@@ -1,14 +1,16 @@
 """Sampling responses from a model: transformers ``generate`` (default) or vLLM (when installed with a GPU).
 
 Prompts are rendered with the model's own chat template (each source answers in its own format). Sampling is
-seeded per batch (``seed + batch number``), so a resumed run regenerates nothing and a rerun reproduces the
-same responses on the same hardware and library versions.
+seeded per batch (``seed + batch number``, the batch's place in the whole prompt list): a resumed run
+regenerates nothing, a rerun reproduces the same responses on the same hardware and library versions, and
+under ``accelerate launch`` a batch gets the same seed whichever rank samples it and however many ranks
+there are (``only_batches`` gives a rank its batches without renumbering them).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +82,34 @@ def generate(
     greedy: bool = False,
     on_batch: Callable[[int, list[list[str]]], None] | None = None,
     skip_batches: set[int] | None = None,
+    only_batches: Iterable[int] | None = None,
     desc: str = "sampling",
+    show_progress: bool = True,
 ) -> None:
     """Generate ``n`` responses per prompt; ``on_batch(first_prompt_index, responses)`` receives each batch.
 
-    ``skip_batches`` lists batch numbers already done (resuming). ``greedy`` decodes one response per prompt
+    Batch ``b`` holds prompts ``b * batch_size`` onwards and is sampled with seed ``seed + b``. ``skip_batches``
+    lists batch numbers already done (resuming); ``only_batches``, when given, the only ones to sample (a
+    rank's share). Nothing is loaded when no batch is left. ``greedy`` decodes one response per prompt
     without sampling (evaluation).
     """
-    if use_vllm(cfg.backend):
-        _generate_vllm(model_path, prompts, n, cfg, greedy, on_batch, skip_batches)
+    count = (len(prompts) + cfg.batch_size - 1) // cfg.batch_size
+    wanted = set(range(count)) if only_batches is None else set(only_batches) & set(range(count))
+    todo = sorted(wanted - set(skip_batches or ()))
+    if not todo:
         return
+    if use_vllm(cfg.backend):
+        _generate_vllm(model_path, prompts, n, cfg, greedy, on_batch, todo)
+        return
+    unused = [
+        k
+        for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")
+        if k in cfg.model_fields_set
+    ]
+    if unused:
+        log.warning(
+            "sampling with transformers (backend: auto without vLLM or a GPU): %s ignored", ", ".join(unused)
+        )
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -101,10 +121,8 @@ def generate(
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     if tok.eos_token_id is not None and tok.eos_token_id not in eos_ids:
         eos_ids.append(tok.eos_token_id)
-    batches = range(0, len(prompts), cfg.batch_size)
-    for b, start in enumerate(progress(list(batches), desc=desc)):
-        if skip_batches and b in skip_batches:
-            continue
+    for b in progress(todo, desc=desc, **({} if show_progress else {"disable": True})):
+        start = b * cfg.batch_size
         chunk = [render_ids(tok, p) for p in prompts[start : start + cfg.batch_size]]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
@@ -137,15 +155,30 @@ def generate(
     del model
 
 
-def _generate_vllm(model_path, prompts, n, cfg, greedy, on_batch, skip_batches) -> None:  # pragma: no cover
+def vllm_engine_args(model_path: str | Path, cfg: SamplingConfig) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for sampling: the engine options only where the recipe set
+    them, so that vLLM's own defaults hold otherwise."""
+    args: dict[str, Any] = {
+        "model": str(model_path),
+        "dtype": cfg.dtype,  # "auto" is vLLM's own auto (the checkpoint's dtype)
+        "seed": cfg.seed,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+    }
+    if cfg.gpu_memory_utilization is not None:
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if cfg.max_model_len is not None:
+        args["max_model_len"] = cfg.max_model_len
+    return args
+
+
+def _generate_vllm(model_path, prompts, n, cfg, greedy, on_batch, todo) -> None:  # pragma: no cover
     """vLLM path (GPU machines): same prompts (as token ids, so no second BOS), same settings."""
     from vllm import LLM, SamplingParams
 
     tok = load_tokenizer(model_path)
-    llm = LLM(model=str(model_path), dtype="auto" if cfg.dtype == "auto" else cfg.dtype, seed=cfg.seed)
-    for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
-        if skip_batches and b in skip_batches:
-            continue
+    llm = LLM(**vllm_engine_args(model_path, cfg))
+    for b in todo:
+        start = b * cfg.batch_size
         chunk = [render_ids(tok, p) for p in prompts[start : start + cfg.batch_size]]
         params = SamplingParams(
             n=1 if greedy else n,

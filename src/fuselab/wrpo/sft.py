@@ -96,3 +96,31 @@ def train_sft(
         "the start point and frozen reference of WRPO training.\n",
     )
     return out_dir
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m fuselab.wrpo.sft JOB.json``: the SFT stage in a process of its own, which the main rank of
+    a multi-process ``wrpo build`` starts outside the launch (so that it trains as one process does)."""
+    import json
+    import logging
+    import sys
+
+    from fuselab.utils.hardware import configure_threads
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    configure_threads()  # as the command line does
+    train_sft(
+        Path(job["model"]),
+        job["rows"],
+        SFTConfig.model_validate(job["sft"]),
+        Path(job["out"]),
+        Path(job["work"]),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))

@@ -10,6 +10,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -74,7 +75,41 @@ class ExecutionScorer:
         return out
 
 
-@register_scorer("execution", ExecutionOptions, "run the prompt's tests in a sandboxed subprocess")
+def _has_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def check_execution_prompts(prompts: Sequence[Any]) -> None:
+    """Every prompt needs ``test`` (code defining ``check(candidate)``) and ``entry_point`` (the function's
+    name): refused when the prompts are loaded, naming the rows (1-based), not after sampling every model."""
+    bad = []
+    for p in prompts:
+        missing = [k for k in ("test", "entry_point") if not _has_text(p.row.get(k))]
+        if missing:
+            bad.append((p, missing))
+    if not bad:
+        return
+    sources = sorted({p.source for p, _ in bad if p.source})
+    shown = ", ".join(
+        f"{p.number or '?'} (id {p.id!r}: no {' or '.join(f'`{k}`' for k in missing)})"
+        for p, missing in bad[:10]
+    )
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    where = f"{', '.join(sources)} " if sources else ""
+    raise ConfigError(
+        f"scorer execution runs each prompt's tests, but {len(bad)} of the {len(prompts)} prompts have none: "
+        f"{where}row{'s' if len(bad) > 1 else ''} {shown}{more}. Add `test` (code defining "
+        "check(candidate)) and `entry_point` (the name of the function to test) to those rows, drop them, "
+        "or use a scorer that needs no tests (reward_model, llm_judge or python)"
+    )
+
+
+@register_scorer(
+    "execution",
+    ExecutionOptions,
+    "run the prompt's tests in a sandboxed subprocess",
+    check_prompts=check_execution_prompts,
+)
 def _execution(options: ExecutionOptions) -> ExecutionScorer:
     return ExecutionScorer(options)
 

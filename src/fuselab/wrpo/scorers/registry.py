@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,18 +31,25 @@ class ScorerSpec:
     options: type[StrictModel]
     factory: Callable[[Any], Scorer]
     summary: str
+    # what the scorer needs of every prompt, checked when the prompts are loaded (before any sampling):
+    # called with the prompts (objects with ``row``, ``id``, ``number``, ``source``), raises ConfigError
+    check_prompts: Callable[[Sequence[Any]], None] | None = None
 
 
 _REGISTRY: dict[str, ScorerSpec] = {}
 
 
 def register_scorer(
-    name: str, options: type[StrictModel], summary: str
+    name: str,
+    options: type[StrictModel],
+    summary: str,
+    *,
+    check_prompts: Callable[[Sequence[Any]], None] | None = None,
 ) -> Callable[[Callable[[Any], Scorer]], Callable[[Any], Scorer]]:
     def deco(factory: Callable[[Any], Scorer]) -> Callable[[Any], Scorer]:
         if name in _REGISTRY:
             raise ValueError(f"scorer {name!r} is registered twice")
-        _REGISTRY[name] = ScorerSpec(name, options, factory, summary)
+        _REGISTRY[name] = ScorerSpec(name, options, factory, summary, check_prompts)
         return factory
 
     return deco
@@ -75,6 +82,16 @@ def validate_scorer_config(config: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as err:
         raise ValueError(format_validation_error(err, spec.options, f"scorer {spec.name}")) from None
     return {"type": spec.name, **parsed.model_dump()}
+
+
+def check_scorer_prompts(config: dict[str, Any], prompts: Sequence[Any]) -> None:
+    """Refuse prompts the configured scorer cannot score (ConfigError naming the rows), before any work."""
+    try:
+        spec, _ = _spec(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if spec.check_prompts is not None:
+        spec.check_prompts(prompts)
 
 
 def build_scorer(config: dict[str, Any]) -> Scorer:
