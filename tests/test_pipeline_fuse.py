@@ -302,3 +302,27 @@ def test_every_setting_that_changes_an_output_changes_its_key(setup, tmp_path, s
         "fuse": {"targets", "model"},
     }
     assert {k for k in before if before[k] != after[k]} == expected.get(section, {"model"})
+
+
+def test_the_precision_that_runs_is_in_every_key(setup, tmp_path, monkeypatch):
+    """A float32 rerun (FUSELAB_CPU_BF16=0, or another machine) in a work folder that a bf16 run filled must
+    not reuse its stores, trained models or evaluations: `auto` enters the keys as it resolves."""
+    from fuselab.utils import hardware
+
+    def keys(native: bool) -> dict[str, str]:
+        monkeypatch.setattr(hardware, "native_bf16", lambda device="cpu": native)
+        p = _pipeline(
+            _recipe(setup, tmp_path, extract={"dtype": "auto"}, train={"bf16": "auto"}), dry_run=True
+        )
+        target = p.target_names()[0]
+        folder = p.ws.paths[p.pivot]
+        return {
+            "store": p.ws.store_dir(p.ws.sources[0]).name,
+            "target": p.train_dir(target).name,
+            "baseline": p.train_dir(p.baseline_name()).name,
+            "eval": p.eval_path(p.pivot, folder).name,
+        }
+
+    bf16, fp32 = keys(True), keys(False)
+    assert all(bf16[k] != fp32[k] for k in bf16), (bf16, fp32)
+    assert keys(True) == bf16  # and nothing else moves them

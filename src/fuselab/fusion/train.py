@@ -220,13 +220,19 @@ def _trainer_class():
     return FusionTrainer
 
 
-def training_arguments(cfg: TrainConfig, work: Path, *, show_progress: bool, device: str | None = None):
-    from transformers import TrainingArguments
-
+def resolved_bf16(cfg: TrainConfig, device: str | None = None) -> bool:
+    """Whether training runs under bf16 autocast here (``train.bf16: auto`` resolved for the device the
+    Trainer will use); part of a trained model's cache key."""
     from fuselab.utils.hardware import resolve_bf16
 
     on = "cuda" if torch.cuda.is_available() and device != "cpu" else "cpu"
-    bf16 = resolve_bf16(cfg.bf16, on, what="train.bf16")
+    return resolve_bf16(cfg.bf16, on, what="train.bf16")
+
+
+def training_arguments(cfg: TrainConfig, work: Path, *, show_progress: bool, device: str | None = None):
+    from transformers import TrainingArguments
+
+    bf16 = resolved_bf16(cfg, device)
     return TrainingArguments(
         output_dir=str(work),
         per_device_train_batch_size=cfg.batch_size,

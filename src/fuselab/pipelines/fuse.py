@@ -118,7 +118,10 @@ class FusePipeline:
         return f"{self.pivot}-sft"
 
     def train_dir(self, target: str) -> Path:
+        from fuselab.fusion.train import resolved_bf16
+
         cfg = self.recipe.train.model_dump()
+        cfg["bf16"] = resolved_bf16(self.recipe.train)  # `auto` as it runs here: bf16 and float32 differ
         if target == self.baseline_name():
             cfg["lam"] = 1.0
             key = _h("sft", self.ws.fingerprint(self.pivot), self.ws.texts_key(), cfg)
@@ -199,13 +202,15 @@ class FusePipeline:
         return self._heldout_key
 
     def eval_path(self, name: str, folder: Path) -> Path:
+        from fuselab.utils.hardware import resolve_dtype
+
         ev = self.recipe.evaluate
         key = _h(
             folder.name if str(folder).startswith(str(self.workdir)) else self.ws.fingerprint(name),
             self.heldout_key(),
             ev.prompts,
             ev.max_new_tokens,
-            ev.dtype,
+            str(resolve_dtype(ev.dtype, ev.device, what="evaluate.dtype")),  # `auto` as it runs here
         )
         return self.workdir / "eval" / f"{name}-{key}.json"
 
@@ -492,6 +497,12 @@ class FusePipeline:
                 ).to_json()
                 for domain, texts in self.heldout().items()
             }
+            # answers come from float32 weights: the scorer's own model when it is float32, else a float32
+            # copy loaded after the scorer is gone (both at once set the bf16 demo's peak: Qwen, 6.4 GB)
+            model = scorer.model if scorer.model.dtype == torch.float32 else None
+            del scorer
+            if model is None:
+                release_memory()
             answers = (
                 generate_answers(
                     folder,
@@ -499,12 +510,12 @@ class FusePipeline:
                     max_new_tokens=ev.max_new_tokens,
                     fallback_template=self.ws.tokenizer(self.pivot),
                     device=ev.device,
-                    model=scorer.model if scorer.model.dtype == torch.float32 else None,
+                    model=model,
                 )
                 if ev.prompts
                 else []
             )
-            del scorer
+            del model
             release_memory()
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(
