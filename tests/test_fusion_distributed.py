@@ -18,7 +18,7 @@ from fuselab.fusion.config import FusionRecipe
 from fuselab.fusion.store import TopKStoreWriter, shard_entry
 from fuselab.fusion.workspace import Workspace
 from fuselab.utils.distributed import Ranks
-from helpers.distributed import accelerate_launch, recorded
+from helpers.distributed import accelerate_launch, fuselab_exe, launch_cli, recorded
 from helpers.fusion import fusion_models, fusion_recipe, write_conversations
 
 HELPER = Path(__file__).parent / "helpers" / "extract_ranks.py"
@@ -58,23 +58,12 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def fuselab_exe() -> str:
-    exe = shutil.which("fuselab") or str(Path(__import__("sys").executable).with_name("fuselab"))
-    assert Path(exe).exists(), "the fuselab console script is not installed in this environment"
-    return exe
-
-
 def launch(setup, workdir: Path, record: Path | None, port: int, env: dict[str, str] | None = None):
     """``accelerate launch`` of ``fuselab fusion extract`` on two processes: the installed console script,
     as users run it, or (``record``) the helper that records who computed what."""
     _, recipe_path = setup
     cli = ["fusion", "extract", recipe_path, "--workdir", workdir, "--no-progress"]
-    if record is None:
-        return accelerate_launch([fuselab_exe(), *cli], port=port, env={**ONE_THREAD, **(env or {})})
-    record.mkdir(exist_ok=True)
-    script = record / HELPER.name  # run from a folder of its own: tests/helpers/tokenizers.py would shadow
-    shutil.copy(HELPER, script)  # the tokenizers package for a script started from tests/helpers
-    return accelerate_launch([script, record, *cli], port=port, env={**ONE_THREAD, **(env or {})})
+    return launch_cli(cli, record, HELPER, port=port, env={**ONE_THREAD, **(env or {})})
 
 
 def test_two_processes_write_the_single_process_store_byte_for_byte(setup, reference, tmp_path):

@@ -19,7 +19,7 @@ from fuselab.wrpo.scorers import ScoreItem, build_scorer
 from fuselab.wrpo.scorers.builtin import parse_judge_score
 from helpers.models import tiny_llama_config
 from helpers.tokenizers import byte_level_bpe
-from helpers.wrpo import tiny_chat_model, write_jsonl
+from helpers.wrpo import build_recipe, tiny_chat_model, write_jsonl
 
 
 def length_score(prompt, response, row, modulo=5):
@@ -53,15 +53,7 @@ def models(tmp_path_factory):
 
 
 def _recipe(root, **over):
-    d = {
-        "prompts": {"path": str(root / "prompts.jsonl")},
-        "target": str(root / "target"),
-        "sources": [{"model": str(root / "source"), "name": "src"}],
-        "sampling": {"n": 3, "max_new_tokens": 6, "batch_size": 4, "temperature": 1.0, "top_p": 1.0},
-        "scorer": {"type": "python", "function": "test_wrpo_build:length_score"},
-        "sft": {"share": 0.34, "train": True, "max_steps": 2, "per_device_train_batch_size": 2},
-    }
-    d.update(over)
+    d = build_recipe(root, "test_wrpo_build:length_score", batch_size=4, share=0.34, **over)
     return BuildConfig.model_validate(d)
 
 

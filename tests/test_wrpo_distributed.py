@@ -7,8 +7,6 @@ vLLM under several processes, prompts without tests for the execution scorer, an
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,8 @@ import yaml
 from fuselab.cli import main
 from fuselab.utils.errors import ConfigError
 from fuselab.wrpo.config import BuildConfig, SamplingConfig
-from helpers.distributed import accelerate_launch, recorded
-from helpers.wrpo import tiny_chat_model, write_jsonl
+from helpers.distributed import launch_cli, recorded
+from helpers.wrpo import build_recipe, tiny_chat_model, write_jsonl
 
 TESTS = Path(__file__).parent
 HELPER = TESTS / "helpers" / "wrpo_build_ranks.py"
@@ -38,15 +36,8 @@ def setup(tmp_path_factory):
     tiny_chat_model(root / "target", seed=1)
     tiny_chat_model(root / "source", seed=2)
     write_jsonl(root / "prompts.jsonl", [{"id": f"q{i}", "prompt": f"hello {i} quick fox"} for i in range(7)])
-    recipe = {
-        "prompts": {"path": str(root / "prompts.jsonl")},
-        "target": str(root / "target"),
-        "sources": [{"model": str(root / "source"), "name": "src"}],
-        # 4 source pieces (2 prompts each) and 3 target pieces: two ranks get unequal shares
-        "sampling": {"n": 3, "max_new_tokens": 6, "batch_size": 2, "temperature": 1.0, "top_p": 1.0},
-        "scorer": {"type": "python", "function": "test_wrpo_distributed:length_score"},
-        "sft": {"share": 0.3, "train": True, "max_steps": 2, "per_device_train_batch_size": 2},
-    }
+    # 4 source pieces (2 prompts each) and 3 target pieces: two ranks get unequal shares
+    recipe = build_recipe(root, "test_wrpo_distributed:length_score", batch_size=2, share=0.3)
     path = root / "build.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return root, path
@@ -87,23 +78,12 @@ def reference(setup):
     return tree(root / "single")
 
 
-def fuselab_exe() -> str:
-    exe = shutil.which("fuselab") or str(Path(sys.executable).with_name("fuselab"))
-    assert Path(exe).exists(), "the fuselab console script is not installed in this environment"
-    return exe
-
-
 def launch(setup, out: Path, record: Path | None, port: int, env: dict[str, str] | None = None):
     """``accelerate launch`` of ``fuselab wrpo build`` on two processes: the installed console script, as
     users run it, or (``record``) the helper that records who wrote which piece."""
     _, recipe = setup
     cli = ["wrpo", "build", recipe, out]
-    if record is None:
-        return accelerate_launch([fuselab_exe(), *cli], port=port, env={**ENV, **(env or {})})
-    record.mkdir(exist_ok=True)
-    script = record / HELPER.name  # run from a folder of its own: tests/helpers/tokenizers.py would shadow
-    shutil.copy(HELPER, script)  # the tokenizers package for a script started from tests/helpers
-    return accelerate_launch([script, record, *cli], port=port, env={**ENV, **(env or {})})
+    return launch_cli(cli, record, HELPER, port=port, env={**ENV, **(env or {})})
 
 
 def test_two_processes_write_the_single_process_build_byte_for_byte(setup, reference, tmp_path):

@@ -38,3 +38,27 @@ def recorded(record: Path, ranks: int = 2) -> dict[int, list[tuple[str, ...]]]:
         f = record / f"rank{rank}.txt"
         out[rank] = [tuple(line.split()) for line in f.read_text().splitlines()] if f.exists() else []
     return out
+
+
+def fuselab_exe() -> str:
+    """The installed ``fuselab`` console script, as users launch it."""
+    import shutil
+
+    exe = shutil.which("fuselab") or str(Path(sys.executable).with_name("fuselab"))
+    assert Path(exe).exists(), "the fuselab console script is not installed in this environment"
+    return exe
+
+
+def launch_cli(
+    cli: Sequence[object], record: Path | None, helper: Path, *, port: int, env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``fuselab CLI...`` on two processes: the installed console script, or (given a
+    ``record`` folder) the recording ``helper`` script, which writes there who computed what."""
+    if record is None:
+        return accelerate_launch([fuselab_exe(), *cli], port=port, env=env)
+    import shutil
+
+    record.mkdir(exist_ok=True)
+    script = record / helper.name  # run from a folder of its own: tests/helpers/tokenizers.py would shadow
+    shutil.copy(helper, script)  # the tokenizers package for a script started from tests/helpers
+    return accelerate_launch([script, record, *cli], port=port, env=env)

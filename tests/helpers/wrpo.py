@@ -67,3 +67,18 @@ def brute_logp(model, prompt_ids: list[int], resp_ids: list[int]) -> torch.Tenso
     ids = torch.tensor([prompt_ids + resp_ids])
     logp = torch.log_softmax(model(ids).logits[0].double(), -1)
     return sum(logp[len(prompt_ids) - 1 + j, t] for j, t in enumerate(resp_ids))
+
+
+def build_recipe(root: Path, scorer_function: str, *, batch_size: int, share: float, **over) -> dict:
+    """A ``wrpo build`` recipe over the tiny models and prompts under ``root`` (``target/``, ``source/``,
+    ``prompts.jsonl``), scored by the ``python`` scorer ``scorer_function``, with 2 SFT steps."""
+    recipe = {
+        "prompts": {"path": str(root / "prompts.jsonl")},
+        "target": str(root / "target"),
+        "sources": [{"model": str(root / "source"), "name": "src"}],
+        "sampling": {"n": 3, "max_new_tokens": 6, "batch_size": batch_size, "temperature": 1.0, "top_p": 1.0},
+        "scorer": {"type": "python", "function": scorer_function},
+        "sft": {"share": share, "train": True, "max_steps": 2, "per_device_train_batch_size": 2},
+    }
+    recipe.update(over)
+    return recipe

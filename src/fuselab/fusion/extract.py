@@ -246,7 +246,7 @@ def check_vocabulary(model_path: Path, encoded: Sequence[Encoded]) -> None:
     ``config.vocab_size`` disagrees with its weights (transformers refuses to load it, after a long report).
     Reads the weight files' headers only."""
     from fuselab.modeling.checkpoint import Checkpoint
-    from fuselab.modeling.inspect import embedding_rows
+    from fuselab.modeling.inspect import check_config_vocab_size, embedding_rows
 
     if not (Path(model_path) / "config.json").is_file():
         return  # not a local folder (a vLLM hub id): vLLM checks its own
@@ -256,13 +256,7 @@ def check_vocabulary(model_path: Path, encoded: Sequence[Encoded]) -> None:
             ((n, ckpt.tensors[n].shape[0]) for n in ckpt.tensors if n.endswith("lm_head.weight")), None
         )
         size = ckpt.text_config().get("vocab_size")
-    config = Path(model_path) / "config.json"
-    for found in (embed, head):
-        if found is not None and isinstance(size, int) and found[1] != size:
-            raise IncompatibleModelsError(
-                f"{model_path}: config.json says vocab_size {size}, but its `{found[0]}` has {found[1]} rows; "
-                f"set `vocab_size` to {found[1]} in {config} (or re-export the model)"
-            )
+        check_config_vocab_size(ckpt, model_path, {"embedding": embed, "LM head": head})
     bounds = [(f"`{n}`", rows) for n, rows in (f for f in (embed, head) if f)] or (
         [("config.vocab_size", size)] if isinstance(size, int) else []
     )

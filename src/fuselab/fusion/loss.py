@@ -28,7 +28,7 @@ Bernoulli distributions ``{p, 1 − p}``, whatever the segmentation inside the c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -84,34 +84,18 @@ def fusion_loss(
     labels: torch.Tensor,
     target_ids: torch.Tensor,
     target_logp: torch.Tensor,
-    *,
-    lam: float,
-    kind: Literal["ce", "kl", "alm"] = "ce",
-    tail: Literal["bucket", "renormalize"] = "bucket",
-    chunk_ids: torch.Tensor | None = None,
-    chunk_logp: torch.Tensor | None = None,
-    alm_temperature: float = 1.0,
+    **options: Any,
 ) -> FusionLossOutput:
     """Loss on a batch.
 
     ``logits`` [B, L, V] (position t predicts token t+1); ``labels`` [B, L] with ``IGNORE`` on unsupervised
     tokens; ``target_ids``/``target_logp`` [N, K] for the N supervised positions in row-major order (the
-    positions t with ``labels[:, t+1] != IGNORE``), padded with id −1 / log-prob −inf. ``kind="alm"`` needs
-    ``chunk_ids`` [N] (batch-wide chunk indices, −1: none) and ``chunk_logp`` [C] instead of the targets.
+    positions t with ``labels[:, t+1] != IGNORE``), padded with id −1 / log-prob −inf. ``options``: those of
+    :func:`supervised_fusion_loss` (``lam``, ``kind``, ``tail``; ``kind="alm"`` needs ``chunk_ids`` [N],
+    batch-wide chunk indices with −1 for none, and ``chunk_logp`` [C] instead of the targets).
     """
     sup = labels[:, 1:] != IGNORE
-    return supervised_fusion_loss(
-        logits[:, :-1][sup],
-        labels[:, 1:][sup],
-        target_ids,
-        target_logp,
-        lam=lam,
-        kind=kind,
-        tail=tail,
-        chunk_ids=chunk_ids,
-        chunk_logp=chunk_logp,
-        alm_temperature=alm_temperature,
-    )
+    return supervised_fusion_loss(logits[:, :-1][sup], labels[:, 1:][sup], target_ids, target_logp, **options)
 
 
 def supervised_fusion_loss(

@@ -323,18 +323,10 @@ class _Merger:
     def _check_vocabulary_sizes(self) -> None:
         """Every input's ``config.vocab_size`` must match its embedding: the plan finds vocabulary tensors by
         that size, and transformers builds the model from it, so a mismatch fails late and obscurely."""
-        from fuselab.modeling.inspect import embedding_rows
+        from fuselab.modeling.inspect import check_config_vocab_size, embedding_rows
 
         for ckpt in self.opened.values():
-            found = embedding_rows(ckpt)
-            size = ckpt.text_config().get("vocab_size")
-            if found is None or not isinstance(size, int) or found[1] == size:
-                continue
-            raise IncompatibleModelsError(
-                f"{self.labels[id(ckpt)]}: config.json says vocab_size {size}, but its embedding `{found[0]}` has "
-                f"{found[1]} rows; set `vocab_size` to {found[1]} in {ckpt.path / 'config.json'} (or re-export "
-                "the model)"
-            )
+            check_config_vocab_size(ckpt, self.labels[id(ckpt)], {"embedding": embedding_rows(ckpt)})
 
     def _check_tokenizer_fits(self) -> None:
         """The tokenizer written with the output must not emit ids beyond the merged embedding: the model

@@ -167,6 +167,23 @@ def embedding_rows(ckpt: Checkpoint) -> tuple[str, int] | None:
     return (name, ckpt.tensors[name].shape[0]) if name else None
 
 
+def check_config_vocab_size(
+    ckpt: Checkpoint, label: object, found: dict[str, tuple[str, int] | None]
+) -> None:
+    """Refuse a checkpoint whose ``config.vocab_size`` disagrees with the rows of the tensors in ``found``
+    (role -> (name, rows), e.g. ``{"embedding": embedding_rows(ckpt)}``; None entries are skipped):
+    transformers builds the model from that size, so the mismatch would fail late and obscurely."""
+    from fuselab.utils.errors import IncompatibleModelsError
+
+    size = ckpt.text_config().get("vocab_size")
+    for role, f in found.items():
+        if f is not None and isinstance(size, int) and f[1] != size:
+            raise IncompatibleModelsError(
+                f"{label}: config.json says vocab_size {size}, but its {role} `{f[0]}` has {f[1]} rows; set "
+                f"`vocab_size` to {f[1]} in {ckpt.path / 'config.json'} (or re-export the model)"
+            )
+
+
 def tokenizer_id_bound(path: Path) -> int | None:
     """One more than the largest token id of the tokenizer in ``path`` (None without a ``tokenizer.json``):
     the embedding rows a model needs so that every id the tokenizer can emit has a row."""
