@@ -135,6 +135,18 @@ def head_splits(model: Any, input_ids, attention_mask, labels) -> bool:
     reproduce, or a wrapped model, keeps the full forward."""
     if not _unwrapped(model) or model.get_decoder() is None or model.get_output_embeddings() is None:
         return False
+    # on a window of at most 64 tokens of one row that ends on a supervised token: both ways see the same
+    # input, and the check costs two short forwards, not two passes over the batch
+    sup = labels[:, 1:] != IGNORE
+    if bool(sup.any()):
+        row = int(sup.sum(1).argmax())
+        end = int(sup[row].nonzero().max()) + 2  # the last supervised label's position, included
+        start = max(0, end - 64)
+        input_ids, attention_mask = (
+            input_ids[row : row + 1, start:end],
+            attention_mask[row : row + 1, start:end],
+        )
+        labels = labels[row : row + 1, start:end]
     with torch.no_grad():
         full, _, _ = supervised_logits(model, input_ids, attention_mask, labels, split=False)
         part, _, _ = supervised_logits(model, input_ids, attention_mask, labels, split=True)
