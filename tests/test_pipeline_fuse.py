@@ -70,17 +70,24 @@ def test_assistant_nll_equals_the_full_forward(setup):
     )
     score = assistant_nll(paths["src_b"], texts, batch_tokens=128, show_progress=False)
     model = AutoModelForCausalLM.from_pretrained(paths["src_b"], dtype=torch.float32)
-    total, count = 0.0, 0
+    total, count, per_text, per_text_tokens = 0.0, 0, [], []
     for t in texts:
         e = encode(tok, t)
         ids = torch.from_numpy(e.ids)[None].long()
         with torch.no_grad():
             logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
         pos = torch.from_numpy(e.predicting_positions()).long()
-        total -= float(logp[pos, ids[0, pos + 1]].sum())
+        per_text.append(-float(logp[pos, ids[0, pos + 1]].sum()))
+        per_text_tokens.append(len(pos))
+        total += per_text[-1]
         count += len(pos)
+    assert len(set(per_text_tokens)) > 1  # texts of different lengths: the length order is exercised
     assert score.tokens == count
     assert score.nll == pytest.approx(total, rel=1e-5)
+    # per text, in the order of the texts (they are scored in length order)
+    assert len(score.per_text_nll) == len(texts) == len(per_text) and sum(score.per_text_tokens) == count
+    assert score.per_text_nll == pytest.approx(per_text, rel=1e-5)
+    assert list(score.per_text_tokens) == per_text_tokens
     assert score.bytes == sum(t.supervised_bytes for t in texts)
     assert score.per_byte == pytest.approx(total / score.bytes, rel=1e-5)
 
@@ -116,7 +123,12 @@ def test_pipeline_end_to_end_then_cached(setup, tmp_path):
     v = results["fused_vs_baseline"]["chat"]
     fused_nll = results["heldout"]["pivot-fused-sce"]["chat"]["per_token"]
     base_nll = results["heldout"]["pivot-sft"]["chat"]["per_token"]
-    assert v["delta"] == pytest.approx(fused_nll - base_nll) and v["beats_baseline"] == (fused_nll < base_nll)
+    assert v["delta"] == pytest.approx(fused_nll - base_nll)
+    assert v["se"] is not None and v["se"] > 0
+    expected = (
+        "better" if v["delta"] < -2 * v["se"] else "worse" if v["delta"] > 2 * v["se"] else "within noise"
+    )
+    assert v["outcome"] == expected and v["beats_baseline"] == (expected == "better")
     # Training moved the pivot: every trained model is better than the untouched pivot on the training texts.
     for n in ("pivot-sft", "pivot+src_a", "pivot-fused-sce"):
         assert results["heldout"][n]["chat"]["per_token"] < results["heldout"]["pivot"]["chat"]["per_token"]

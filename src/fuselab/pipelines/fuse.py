@@ -211,6 +211,7 @@ class FusePipeline:
             ev.prompts,
             ev.max_new_tokens,
             str(resolve_dtype(ev.dtype, ev.device, what="evaluate.dtype")),  # `auto` as it runs here
+            "per-text",  # evaluations hold per-text NLL (the verdict's standard error); older ones are redone
         )
         return self.workdir / "eval" / f"{name}-{key}.json"
 

@@ -111,21 +111,57 @@ def plot_nll(
     plt.close(fig)
 
 
-def verdict_line(verdict: dict[str, dict[str, float]], baseline: str | None) -> str:
-    """One line that says, per domain, whether the fused model beat the SFT-only baseline and by how much."""
+def compare_with_baseline(fused: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """The fused model's held-out score against the SFT-only baseline's on one domain: the per-token
+    difference, its standard error over the held-out texts (paired, :func:`paired_difference`) and the
+    outcome. A gap counts only when it is larger than twice that standard error: below it, which texts were
+    held out decides the sign as much as the training does."""
+    from fuselab.evaluate.nll import paired_difference
+
+    f, b = fused["nll"] / fused["tokens"], baseline["nll"] / baseline["tokens"]
+    delta, se = paired_difference(fused, baseline)
+    if se is None:  # an evaluation without per-text figures: the sign alone
+        outcome = "better" if delta < 0 else "not better"
+    else:
+        outcome = "better" if delta < -2 * se else "worse" if delta > 2 * se else "within noise"
+    return {
+        "fused": f,
+        "baseline": b,
+        "delta": delta,
+        "se": se,
+        "outcome": outcome,
+        "beats_baseline": outcome == "better",
+    }
+
+
+def verdict_line(verdict: dict[str, dict[str, Any]], baseline: str | None) -> str:
+    """One line that says, per domain, whether the fused model beat the SFT-only baseline, by how much and
+    with what standard error."""
     if not verdict:
         why = "no SFT-only baseline was trained (`baseline: false`)" if not baseline else "no held-out data"
         return f"**Verdict:** not compared with SFT: {why}."
     parts = []
     for d, v in verdict.items():
         rel = v["delta"] / v["baseline"] if v["baseline"] else 0.0
-        word = "better" if v["beats_baseline"] else "not better"
-        parts.append(f"{word} on {d} ({v['delta']:+.4f} NLL/token, {rel:+.2%})")
-    wins = sum(v["beats_baseline"] for v in verdict.values())
-    head = "fused beats SFT" if wins == len(verdict) else "fused does not beat SFT" if not wins else "mixed"
+        pm = f" ± {v['se']:.4f}" if v.get("se") is not None else ""
+        parts.append(f"{v['outcome']} on {d} ({v['delta']:+.4f}{pm} NLL/token, {rel:+.2%})")
+    wins = [d for d, v in verdict.items() if v["beats_baseline"]]
+    head = (
+        "fused beats SFT"
+        if len(wins) == len(verdict)
+        else "fused does not beat SFT"
+        if not wins
+        else "fused beats SFT on " + ", ".join(wins)
+    )
+    noise = (
+        "± is the standard error of the paired difference over the held-out texts; a difference counts when "
+        "it exceeds twice that. "
+        if any(v.get("se") is not None for v in verdict.values())
+        else ""
+    )
     return (
-        f"**Verdict: {head}**: " + "; ".join(parts) + ". One run, one seed: a difference smaller than the "
-        "seed-to-seed spread is not a result (`benchmarks/fusion_quality.py` measures it over seeds)."
+        f"**Verdict: {head}**: " + "; ".join(parts) + f". {noise}One training seed: another seed moves the "
+        "difference too (`benchmarks/fusion_quality.py` measures that spread over seeds)."
     )
 
 
@@ -152,9 +188,9 @@ def write_report(
     verdict: dict[str, Any] = {}
     if baseline and baseline in evals and fused_name in evals:
         for d in domains:
-            f, b = _nll(evals[fused_name], d, "token"), _nll(evals[baseline], d, "token")
-            if f is not None and b is not None:
-                verdict[d] = {"fused": f, "baseline": b, "delta": f - b, "beats_baseline": f < b}
+            f, b = evals[fused_name]["heldout"].get(d), evals[baseline]["heldout"].get(d)
+            if f and b and f.get("tokens") and b.get("tokens"):
+                verdict[d] = compare_with_baseline(f, b)
     results = {
         "fused_model": fused_name,
         "heldout": {n: e["heldout"] for n, e in evals.items()},
@@ -186,14 +222,20 @@ def write_report(
     if verdict:
         L += ["## Fused model against the SFT-only baseline (same data and steps, λ = 1)", ""]
         L += [
-            "| domain | fused NLL/token | SFT baseline | difference | fused better |",
-            "|---|---|---|---|---|",
+            "| domain | fused NLL/token | SFT baseline | difference | standard error | outcome |",
+            "|---|---|---|---|---|---|",
         ]
         for d, v in verdict.items():
+            se = f"{v['se']:.4f}" if v.get("se") is not None else "—"
             L.append(
-                f"| {d} | {v['fused']:.4f} | {v['baseline']:.4f} | {v['delta']:+.4f} | {'yes' if v['beats_baseline'] else 'no'} |"
+                f"| {d} | {v['fused']:.4f} | {v['baseline']:.4f} | {v['delta']:+.4f} | {se} | {v['outcome']} |"
             )
-        L.append("")
+        L += [
+            "",
+            "Standard error: of the paired per-text difference over the held-out texts (both models read the "
+            "same tokens). It does not include the spread between training seeds.",
+            "",
+        ]
     if domains:
         L += [
             "## Held-out NLL on assistant tokens",
