@@ -234,3 +234,33 @@ def test_group_by_length_trains_on_length_buckets(setup, tmp_path):
     best = padded_tokens(lengths, sorted(range(n), key=lambda i: -lengths[i]), bs)
     assert padded_tokens(lengths, order, bs) == best
     assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch first
+
+
+@pytest.mark.parametrize(
+    "save_steps, minutes, expected", [(100, 1e-9, [1, 2, 3]), (100, 60.0, []), (2, None, [2])]
+)
+def test_checkpoints_by_wall_time_and_never_on_the_last_step(
+    setup, tmp_path, monkeypatch, save_steps, minutes, expected
+):
+    """``save_minutes``: a checkpoint at every step once the time is due (here at once), none when the training
+    is shorter than the interval; by step count as before; never on the last step, where transformers would
+    write one (the finished model follows it)."""
+    from fuselab.fusion.config import TrainConfig
+    from fuselab.fusion.train import train
+
+    root, paths, data = setup
+    ws = workspace(root, paths, data, "w-timed")
+    ws.extract()
+    ws.build_targets()
+    target = next(iter(ws.target_groups()))
+    monkeypatch.setenv("FUSELAB_KEEP_CHECKPOINTS", "1")
+    cfg = TrainConfig(
+        lam=0.5, learning_rate=1e-3, max_steps=4, batch_size=2, logging_steps=1, save_steps=save_steps,
+        save_minutes=minutes, save_total_limit=None, warmup_ratio=0.0,
+    )  # fmt: skip
+    out = tmp_path / "timed"
+    summary = train(ws.targets_dir(target), out, cfg, show_progress=False)
+    assert summary["steps"] == 4
+    work = out.with_name(out.name + ".work")
+    steps = sorted(int(p.name.split("-")[1]) for p in work.glob("checkpoint-*"))
+    assert steps == expected

@@ -316,6 +316,19 @@ def test_every_setting_that_changes_an_output_changes_its_key(setup, tmp_path, s
     assert {k for k in before if before[k] != after[k]} == expected.get(section, {"model"})
 
 
+@pytest.mark.parametrize(
+    "change", [{"save_steps": 3}, {"save_minutes": 0.5}, {"save_total_limit": 5}, {"learning_rate": 1e-4}]
+)
+def test_when_to_checkpoint_is_not_part_of_a_trained_model_key(setup, tmp_path, change):
+    """The checkpoint cadence changes no weight: a recipe that only checkpoints more often reuses the trained
+    models; a setting that changes the training (the learning rate, the control) does not."""
+    base = _pipeline(_recipe(setup, tmp_path), dry_run=True)
+    changed = _pipeline(_recipe(setup, tmp_path, train=change), dry_run=True)
+    for name in base.trained():
+        same = base.train_dir(name) == changed.train_dir(name)
+        assert same == ("learning_rate" not in change), (name, change)
+
+
 def test_the_precision_that_runs_is_in_every_key(setup, tmp_path, monkeypatch):
     """A float32 rerun (FUSELAB_CPU_BF16=0, or another machine) in a work folder that a bf16 run filled must
     not reuse its stores, trained models or evaluations: `auto` enters the keys as it resolves."""

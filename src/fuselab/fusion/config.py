@@ -197,7 +197,13 @@ class TrainConfig(StrictModel):
     max_grad_norm: float = 1.0
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(500, ge=1)
+    save_steps: int = Field(500, ge=1, description="checkpoint every N optimiser steps (for resuming)")
+    save_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="also checkpoint when this many minutes of training passed since the last checkpoint: "
+        "bounds what an interruption costs whatever the hardware (fuselab.utils.checkpointing)",
+    )
     save_total_limit: int | None = 2
     bf16: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool = False

@@ -294,6 +294,7 @@ def train(
     from fuselab.fusion.card import write_card
     from fuselab.modeling.tokenizers import load_tokenizer
     from fuselab.utils.atomic import atomic_output_dir, check_output_dir
+    from fuselab.utils.checkpointing import CheckpointPolicy
 
     out_dir = Path(out_dir).absolute()
     check_output_dir(out_dir, force)
@@ -316,6 +317,7 @@ def train(
         data_collator=FusionCollator(pad_id),
         fusion=cfg,
         seen_path=seen,
+        callbacks=[CheckpointPolicy(cfg.save_minutes)],
     )
     last = get_last_checkpoint(str(work))
     if last:

@@ -38,6 +38,7 @@ from fuselab.utils.memory import release_memory
 log = logging.getLogger(__name__)
 
 STAMP = "fuselab_fuse.json"
+CHECKPOINT_CADENCE = {"save_steps", "save_minutes", "save_total_limit"}  # not part of a trained model's key
 
 
 def _h(*parts: Any) -> str:
@@ -120,7 +121,7 @@ class FusePipeline:
     def train_dir(self, target: str) -> Path:
         from fuselab.fusion.train import resolved_bf16
 
-        cfg = self.recipe.train.model_dump()
+        cfg = self.recipe.train.model_dump(exclude=CHECKPOINT_CADENCE)  # when to checkpoint: same model
         cfg["bf16"] = resolved_bf16(self.recipe.train)  # `auto` as it runs here: bf16 and float32 differ
         if target == self.baseline_name():
             cfg["lam"] = 1.0

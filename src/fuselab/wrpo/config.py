@@ -227,6 +227,12 @@ class TrainingConfig(StrictModel):
     logging_steps: int = Field(1, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end)")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (for resuming)")
+    save_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="also checkpoint when this many minutes of training passed since the last checkpoint "
+        "(fuselab.utils.checkpointing)",
+    )
     bf16: bool | Literal["auto"] = Field(
         "auto", description="bf16 mixed precision (fp32 master weights); auto: where bf16 is native"
     )

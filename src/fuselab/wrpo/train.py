@@ -127,6 +127,7 @@ def run_train(
     from transformers.trainer_utils import get_last_checkpoint
 
     from fuselab.modeling.resolve import resolve_model
+    from fuselab.utils.checkpointing import CheckpointPolicy
     from fuselab.wrpo.card import render_train_card
     from fuselab.wrpo.data import TokenizeOptions, WRPOCollator, read_jsonl, tokenize_rows
     from fuselab.wrpo.refcache import cached_ref_logps
@@ -197,6 +198,7 @@ def run_train(
         loss_config=cfg.loss,
         ref_model=ref_model,
         columns=columns,
+        callbacks=[CheckpointPolicy(cfg.training.save_minutes)],
     )
     eval_before = trainer.evaluate(metric_key_prefix="eval") if eval_ex else {}
     start = time.perf_counter()
