@@ -3,6 +3,7 @@ file and the fix, no traceback."""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -125,6 +126,18 @@ def test_library_errors_get_a_named_message():
     from safetensors import SafetensorError
 
     assert "corrupt or truncated" in (explain(SafetensorError("Error while deserializing header")) or "")
+    # a full disk while a model is saved (the message safetensors gave when `make demo` filled /tmp) is not
+    # a corrupt model: no advice to re-download it
+    args = argparse.Namespace(output="/tmp/out")
+    full = explain(
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), args
+    )
+    assert full and full.startswith("disk full while writing a .safetensors file under /tmp/out")
+    assert "free space" in full and "re-download" not in full
+    other = explain(
+        SafetensorError("Error while serializing: I/O error: Input/output error (os error 5)"), args
+    )
+    assert other and "failed" in other and "re-download" not in other
     try:
         json.loads('{"a": 1,}')
     except json.JSONDecodeError as err:

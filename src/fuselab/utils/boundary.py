@@ -69,6 +69,22 @@ def explain(err: BaseException, args: argparse.Namespace | None = None) -> str |
             "recipe as UTF-8 (e.g. with `iconv -f latin1 -t utf-8`)"
         )
     if type(err).__name__ == "SafetensorError":
+        # safetensors reports the OS error of a failed write inside its own message: a full disk while a
+        # model is saved is not a corrupt input (seen in `make demo` on a full /tmp)
+        text = str(err)
+        full = "os error 28" in text or "No space left" in text
+        if full or "os error 122" in text:
+            kind = "disk full" if full else "disk quota exceeded"
+            return (
+                f"{kind} while writing a .safetensors file under {_where_written(args)} ({err}); free space "
+                "there (or point the output / --workdir / FUSELAB_CACHE at a larger disk) and rerun: finished "
+                "work is kept and resumed"
+            )
+        if "while serializing" in text:
+            return (
+                f"writing a .safetensors file under {_where_written(args)} failed ({err}); check that the disk "
+                "is writable and has room, then rerun"
+            )
         return (
             f"a .safetensors file of the model is corrupt or truncated ({err}); re-download or re-export the "
             "model (`fuselab info MODEL` names the file)"
