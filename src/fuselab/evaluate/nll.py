@@ -49,9 +49,7 @@ class NLLScore:
         return self.nll / self.bytes if self.bytes else math.nan
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["per_text_nll"], out["per_text_tokens"] = list(self.per_text_nll), list(self.per_text_tokens)
-        return {**out, "per_token": self.per_token, "per_byte": self.per_byte}
+        return {**asdict(self), "per_token": self.per_token, "per_byte": self.per_byte}
 
 
 def paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float | None]:

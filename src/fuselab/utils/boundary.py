@@ -48,15 +48,18 @@ def not_utf8(path: str | Path, err: UnicodeDecodeError) -> FuselabError:
     )
 
 
+def _out_of_space(full: bool, where: str) -> str:
+    kind = "disk full" if full else "disk quota exceeded"
+    return (
+        f"{kind} while writing {where}; free space there (or point the output / --workdir / "
+        "FUSELAB_CACHE at a larger disk) and rerun: finished work is kept and resumed"
+    )
+
+
 def explain(err: BaseException, args: argparse.Namespace | None = None) -> str | None:
     """The one-line message for ``err``, or None when it is not a failure a user can fix."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = _file_of(err) or _where_written(args)
-        kind = "disk full" if err.errno == errno.ENOSPC else "disk quota exceeded"
-        return (
-            f"{kind} while writing {where}; free space there (or point the output / --workdir / "
-            "FUSELAB_CACHE at a larger disk) and rerun: finished work is kept and resumed"
-        )
+        return _out_of_space(err.errno == errno.ENOSPC, _file_of(err) or _where_written(args))
     if isinstance(err, OSError) and err.errno == errno.EROFS:
         where = _file_of(err) or _where_written(args)
         return f"{where} is on a read-only file system; choose an output folder you can write to"
@@ -72,14 +75,9 @@ def explain(err: BaseException, args: argparse.Namespace | None = None) -> str |
         # safetensors reports the OS error of a failed write inside its own message: a full disk while a
         # model is saved is not a corrupt input (seen in `make demo` on a full /tmp)
         text = str(err)
-        full = "os error 28" in text or "No space left" in text
-        if full or "os error 122" in text:
-            kind = "disk full" if full else "disk quota exceeded"
-            return (
-                f"{kind} while writing a .safetensors file under {_where_written(args)} ({err}); free space "
-                "there (or point the output / --workdir / FUSELAB_CACHE at a larger disk) and rerun: finished "
-                "work is kept and resumed"
-            )
+        full = f"os error {errno.ENOSPC}" in text or "No space left" in text
+        if full or f"os error {errno.EDQUOT}" in text:
+            return _out_of_space(full, f"a .safetensors file under {_where_written(args)} ({err})")
         if "while serializing" in text:
             return (
                 f"writing a .safetensors file under {_where_written(args)} failed ({err}); check that the disk "

@@ -2,10 +2,11 @@
 step.
 
 Why: a checkpoint of a model trained with Adam holds the weights, the gradients' two moments and the RNG
-states: 12 bytes per parameter in float32, 1.6 GB for SmolLM2-135M, about 10 s to write on the 2-core demo
-machine. ``save_steps`` picks the cadence in steps, but what a user wants to bound is the *time* an
-interruption can cost; the right step count depends on the hardware (the demo's 19-step trainings took 47-51 s
-without checkpoints and 64-75 s with one every 8 steps). ``save_minutes`` saves when that much training time
+states: 12 bytes per parameter in float32, 1.6 GB for SmolLM2-135M. ``save_steps`` picks the cadence in steps,
+but what a user wants to bound is the *time* an interruption can cost, and the right step count depends on the
+hardware. On a 2-core AMD EPYC (Zen 4, float32) the demo's 19-step trainings took 58-68 s with a checkpoint
+every 8 steps plus transformers' final one (three per training) and 47-49 s with none (benchmarks/RESULTS.md,
+"Checkpoints and the training stage"): about 4-6 s per checkpoint. ``save_minutes`` saves when that much training time
 has passed since the last checkpoint, so a short training writes none and a long one loses at most that much.
 
 transformers 5 also writes a checkpoint after the last step whenever ``save_strategy`` is ``steps``; fuselab
